@@ -1,0 +1,3 @@
+"""streamd: a live video analyzer built on SmolVLM2."""
+
+__version__ = "0.1.0"

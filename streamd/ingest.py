@@ -1,0 +1,363 @@
+"""PyAV video sources: one decode thread per stream, for files, RTSP, HTTP/HLS and webcams."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+
+import av
+import av.container
+import av.error
+import av.video.frame
+import av.video.stream
+import numpy as np
+
+from streamd.config import StreamConfig, is_file_url
+from streamd.domain import LEGAL_TRANSITIONS, Frame, SourceState
+from streamd.errors import SourceError
+from streamd.log import redact_url
+from streamd.metrics import StreamMetrics
+from streamd.ring import FrameRing
+from streamd.sampling import FrameSampler, Timeline
+
+logger = logging.getLogger(__name__)
+
+BACKOFF_BASE_S = 0.5
+BACKOFF_CAP_S = 30.0
+MAX_DEMUX_ERRORS_IN_A_ROW = 20
+"""Corrupt container data: skip and resync this many times in a row before giving up."""
+FRAME_TIMEOUT_FACTOR = 2.0
+"""No decodable frame for ``FRAME_TIMEOUT_FACTOR * read_timeout_s`` = the source is lost."""
+METRIC_FLUSH_FRAMES = 256
+RTSP_ANALYZE_S = 0.5
+"""Probe an RTSP stream this long on open (FFmpeg's default, 5 s, makes every (re)connect ~3 s)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SourceBreak:
+    """A marker in the frame ring: the connection was lost (``final=False``) or the stream ended.
+
+    Attributes:
+        final: True at end of file or when the source stops for good.
+        end_s: Where the content ended, stream seconds (None if no frame was seen).
+        error: Why, for a failure.
+    """
+
+    final: bool
+    end_s: float | None = None
+    error: str | None = None
+
+
+SourceItem = Frame | SourceBreak
+StateListener = Callable[[SourceState, str], None]
+
+
+def is_marker(item: SourceItem) -> bool:
+    """Ring predicate: markers bypass capacity and are never dropped."""
+    return isinstance(item, SourceBreak)
+
+
+def backoff_delay(attempt: int, rng: random.Random) -> float:
+    """Capped full-jitter backoff: uniform in ``[0, min(cap, base * 2**attempt))``."""
+    return rng.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** min(attempt, 16)))
+
+
+def open_options(url: str, read_timeout_s: float) -> tuple[str | None, dict[str, str]]:
+    """Demuxer format and options for a URL (RTSP over TCP with a socket timeout, v4l2...)."""
+    if url.startswith(("rtsp://", "rtsps://")):
+        return None, {
+            "rtsp_transport": "tcp",
+            "timeout": str(int(read_timeout_s * 1e6)),
+            "analyzeduration": str(int(RTSP_ANALYZE_S * 1e6)),
+        }
+    if url.startswith("/dev/video"):
+        return "v4l2", {}
+    return None, {}
+
+
+class PyAVSource:
+    """Decodes one stream on its own thread and hands sampled, resized frames to a ring.
+
+    Live sources reconnect forever with capped full-jitter backoff; a decode loop that ends
+    normally (a killed RTSP server does that) counts as a disconnect. Files end at end of file.
+    Every state change is logged once, with credentials redacted.
+    """
+
+    def __init__(
+        self,
+        config: StreamConfig,
+        input_size: tuple[int, int],
+        ring: FrameRing[SourceItem],
+        metrics: StreamMetrics,
+        on_state: StateListener = lambda _state, _detail: None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.live = config.is_live
+        self.input_size = input_size
+        self._ring = ring
+        self._metrics = metrics
+        self._on_state = on_state
+        self._clock = clock
+        self._pace = config.realtime or (self.live and is_file_url(config.url))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._rng = random.Random()  # noqa: S311 - jitter, not crypto
+        self.state = SourceState.STARTING
+        self._started_wall = clock()
+        self._index = 0
+        self._sampler = FrameSampler(config.sample_fps)
+        self._last_pts: float | None = None
+        self._connected_once = False
+
+    # --- control (event loop) --------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the decode thread."""
+        self._started_wall = self._clock()
+        self._thread = threading.Thread(
+            target=self._run, name=f"streamd[{self.name}].decode", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask the thread to stop; it notices within a read timeout at most."""
+        self._stop.set()
+        self._ring.close()
+
+    def join(self, timeout: float) -> bool:
+        """Wait for the thread; True if it ended."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # --- decode thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        attempt = 0
+        error: str | None = None
+        try:
+            while not self._stop.is_set():
+                delivered, reason, failed = self._connect_and_read()
+                if self._stop.is_set():
+                    return  # stop(), not a lost source: STOPPED, no "reconnecting"
+                if not self.live:
+                    error = reason if failed else None
+                    self._set_state(SourceState.ENDED, reason, failed=failed)
+                    return
+                self._ring.put(SourceBreak(final=False, end_s=self._end_s(), error=reason))
+                self._set_state(SourceState.RECONNECTING, reason)
+                attempt = 1 if delivered else attempt + 1
+                self._stop.wait(backoff_delay(attempt, self._rng))
+        finally:
+            self._metrics.stream_up.set(0)
+            self._ring.put(SourceBreak(final=True, end_s=self._end_s(), error=error))
+            self._ring.close()
+            if self.state is not SourceState.ENDED:
+                self._set_state(SourceState.STOPPED, "stopped")
+
+    def _connect_and_read(self) -> tuple[bool, str, bool]:
+        """One connection: ``(delivered any frame, why it ended, whether that was a failure)``."""
+        opened_at = self._clock()
+        try:
+            container = self._open()
+        except SourceError as exc:
+            return False, str(exc), True
+        try:
+            with container:
+                stream = _video_stream(container)
+                if self._connected_once:
+                    self._metrics.reconnects.inc()
+                self._connected_once = True
+                self._metrics.stream_up.set(1)
+                self._set_state(SourceState.CONNECTED, _describe(stream))
+                delivered = self._read(container, stream, opened_at)
+                return delivered, "end of stream", False
+        except SourceError as exc:
+            return self._index > 0, str(exc), True
+        finally:
+            self._metrics.stream_up.set(0)
+
+    def _open(self) -> av.container.InputContainer:
+        cfg = self.config
+        fmt, options = open_options(cfg.url, cfg.read_timeout_s)
+        url = cfg.url.removeprefix("file://")
+        try:
+            container = av.open(
+                url,
+                mode="r",
+                format=fmt,
+                options=options,
+                timeout=(cfg.open_timeout_s, cfg.read_timeout_s),
+            )
+        except (av.error.FFmpegError, OSError) as exc:
+            raise SourceError(f"cannot open {redact_url(cfg.url)}: {_reason(exc)}") from exc
+        if not container.streams.video:
+            container.close()
+            raise SourceError(f"{redact_url(cfg.url)} has no video stream")
+        return container
+
+    def _read(
+        self,
+        container: av.container.InputContainer,
+        stream: av.video.stream.VideoStream,
+        opened_at: float,
+    ) -> bool:
+        """Decode until end of stream or stop; returns whether any frame was sampled.
+
+        A live connection's first frame is placed at ``opened_at`` (when ``av.open`` began), not
+        after the open: the frames buffered while probing were captured back then.
+        """
+        rate = stream.average_rate or stream.guessed_rate or Fraction(25)
+        origin = None
+        if not self.live and container.start_time is not None:
+            origin = container.start_time / av.time_base
+        base = opened_at - self._started_wall if self.live else 0.0
+        if self._last_pts is not None:
+            base = max(base, self._last_pts + 1 / float(rate))
+        timeline = Timeline(1 / float(rate), base_s=base, live=self.live, origin=origin)
+        wall_origin = self._started_wall if self.live else self._clock()
+        frame_timeout = FRAME_TIMEOUT_FACTOR * self.config.read_timeout_s
+        first_index = self._index
+        decoded = 0
+        busy = 0.0  # decoder time since the last sampled frame
+        last_frame_at = time.monotonic()
+        for frame in self._frames(container, stream):
+            now = time.monotonic()
+            if frame is None:  # a packet that gave no frame: watch for a stalled decoder
+                if now - last_frame_at > frame_timeout:
+                    raise SourceError(f"no decodable frame for {now - last_frame_at:.0f}s")
+                continue
+            last_frame_at = now
+            decoded += 1
+            pts = timeline.resolve(frame.time)
+            if not self._sampler.offer(pts):
+                if decoded >= METRIC_FLUSH_FRAMES:
+                    self._metrics.frames_decoded.inc(decoded)
+                    decoded = 0
+                continue
+            started = time.perf_counter()
+            sampled = self._sample(frame, pts, wall_origin)
+            busy += time.perf_counter() - started
+            self._metrics.frames_decoded.inc(decoded)
+            decoded = 0
+            if sampled is None:
+                continue
+            self._metrics.decode_seconds.observe(busy)
+            busy = 0.0
+            if self._pace:
+                self._stop.wait(max(0.0, sampled.wall_s - self._clock()))
+            if not self._ring.put(sampled) and self._ring.closed:
+                break
+        self._metrics.frames_decoded.inc(decoded)
+        return self._index > first_index
+
+    def _sample(
+        self, frame: av.video.frame.VideoFrame, pts: float, wall_origin: float
+    ) -> Frame | None:
+        width, height = self.input_size
+        try:
+            image = frame.to_ndarray(
+                width=width, height=height, format="rgb24", interpolation="BICUBIC"
+            )
+        except (av.error.FFmpegError, ValueError) as exc:
+            self._metrics.decode_errors.inc()
+            logger.debug("stream %s: cannot convert frame: %s", self.name, exc)
+            return None
+        self._metrics.frames_sampled.inc()
+        self._last_pts = pts
+        index = self._index
+        self._index += 1
+        return Frame(
+            stream=self.name,
+            index=index,
+            pts_s=pts,
+            wall_s=wall_origin + pts,
+            image=image.astype(np.uint8, copy=False),
+            source_size=(frame.width, frame.height),
+        )
+
+    def _frames(
+        self, container: av.container.InputContainer, stream: av.video.stream.VideoStream
+    ) -> Iterator[av.video.frame.VideoFrame | None]:
+        """Decoded frames of ``stream`` (None after a packet that gave none), skipping corrupt data.
+
+        Audio and data streams are never demuxed. A corrupt packet is counted and skipped; a
+        demuxer error resyncs by restarting the demux iterator, up to a limit.
+        """
+        errors_in_a_row = 0
+        while not self._stop.is_set():
+            try:
+                for packet in container.demux(stream):
+                    if self._stop.is_set():
+                        return
+                    errors_in_a_row = 0
+                    try:
+                        frames = packet.decode()
+                    except (av.error.InvalidDataError, av.error.UndefinedError, ValueError):
+                        self._metrics.decode_errors.inc()
+                        continue
+                    if not frames:
+                        yield None
+                    yield from frames
+                return
+            except av.error.EOFError:
+                return
+            except av.error.InvalidDataError as exc:
+                self._metrics.decode_errors.inc()
+                errors_in_a_row += 1
+                if errors_in_a_row > MAX_DEMUX_ERRORS_IN_A_ROW:
+                    raise SourceError(f"unreadable data: {_reason(exc)}") from exc
+            except (av.error.FFmpegError, OSError) as exc:
+                raise SourceError(_reason(exc)) from exc
+
+    def _end_s(self) -> float | None:
+        return None if self._last_pts is None else self._last_pts + 1 / self.config.sample_fps
+
+    def _set_state(self, state: SourceState, detail: str, failed: bool = False) -> None:
+        if state is self.state:
+            return
+        if state not in LEGAL_TRANSITIONS[self.state]:
+            logger.error("stream %s: illegal transition %s -> %s", self.name, self.state, state)
+        previous, self.state = self.state, state
+        url = redact_url(self.config.url)
+        if state is SourceState.CONNECTED:
+            logger.info("stream %s connected: %s (%s)", self.name, url, detail)
+        elif state is SourceState.RECONNECTING:
+            log = logger.warning if previous is SourceState.CONNECTED else logger.error
+            log("stream %s lost (%s): %s; reconnecting", self.name, url, detail)
+        elif state is SourceState.ENDED:
+            (logger.error if failed else logger.info)("stream %s ended: %s", self.name, detail)
+        else:
+            logger.info("stream %s %s", self.name, state.value)
+        self._on_state(state, detail)
+
+
+def _video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:
+    return container.streams.video[0]
+
+
+def _describe(stream: av.video.stream.VideoStream) -> str:
+    rate = stream.average_rate or stream.guessed_rate
+    fps = f"{float(rate):.3g} fps" if rate else "fps unknown"
+    codec = stream.codec_context.name if stream.codec_context else "?"
+    return f"{codec} {stream.width}x{stream.height} {fps}"
+
+
+def _reason(exc: BaseException) -> str:
+    """Short human reason for a PyAV/OS error, without the URL (which may hold a password)."""
+    # ExitError: PyAV's interrupt callback aborted a read that ran past the timeout.
+    if isinstance(exc, av.error.TimeoutError | av.error.ExitError | TimeoutError):
+        return "timed out"
+    if isinstance(exc, av.error.FFmpegError):
+        return str(exc.strerror or type(exc).__name__)
+    if isinstance(exc, OSError):
+        return str(exc.strerror or exc)
+    return str(exc)

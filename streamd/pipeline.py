@@ -1,0 +1,287 @@
+"""StreamPipeline: one source's path, ingest -> windows -> model -> events -> sink."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from PIL import Image as PILImage
+
+from streamd import motion
+from streamd.aggregate import EventAggregator
+from streamd.config import StreamConfig
+from streamd.domain import Event, EventType, Frame, Score, ScoreRequest, SourceState, Window
+from streamd.errors import ModelError
+from streamd.ingest import PyAVSource, SourceBreak, SourceItem, is_marker
+from streamd.mailbox import Mailbox, MailboxClosed
+from streamd.metrics import Metrics
+from streamd.payloads import analysis_payload, encode, event_payload
+from streamd.ring import FrameRing, Overflow, RingClosed
+from streamd.scoring.prompt import resolve_prompt
+from streamd.scoring.runner import ModelRunner
+from streamd.sinks import EventSink
+from streamd.window import Windower
+
+logger = logging.getLogger(__name__)
+
+LIVE_RING_SECONDS = 4.0
+"""A live stream's frame ring holds this much sampled video before dropping the oldest."""
+FILE_RING_FRAMES = 8
+SNAPSHOT_WIDTH = 640
+SNAPSHOT_QUALITY = 85
+SNAPSHOT_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """A window waiting for analysis, and when it was cut."""
+
+    window: Window
+    cut_at: float
+    gated: bool = False
+
+
+class StreamPipeline:
+    """Runs one stream: a PyAV decode thread, the windower, analysis, events.
+
+    Two tasks: ``window`` takes frames from the decode thread's ring and cuts windows into a
+    one-slot mailbox (live: the newest replaces a waiting one, counted ``busy``; files: wait),
+    and ``analyse`` sends them to the shared ``ModelRunner`` and turns scores into events.
+    Failures of the source are this pipeline's business: they never escape ``run``.
+    """
+
+    def __init__(
+        self,
+        config: StreamConfig,
+        runner: ModelRunner,
+        sink: EventSink,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.live = config.is_live
+        self._runner = runner
+        self._sink = sink
+        self._metrics = metrics
+        self._stream_metrics = metrics.for_stream(config.name)
+        self._clock = clock
+        self._prompt = resolve_prompt(config.profile, config.system_prompt, config.prompt)
+        self._describe_below = None if config.describe_below_min else config.min_significance
+        self._aggregator = EventAggregator(config.name, config.min_significance, config.cooldown_s)
+        self._mailbox: Mailbox[_Pending] = Mailbox(replace=self.live, on_replace=self._replaced)
+        self._stopping = False
+        self._snapshot_window: Window | None = None
+        self.source: PyAVSource | None = None
+        self.state = SourceState.STARTING
+        self.last_error: str | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Ingest and analyse until the stream ends (files) or ``stop`` is called."""
+        loop = asyncio.get_running_loop()
+        live_ring = max(2, round(LIVE_RING_SECONDS * self.config.sample_fps))
+        ring: FrameRing[SourceItem] = FrameRing(
+            maxsize=live_ring if self.live else FILE_RING_FRAMES,
+            overflow=Overflow.DROP_OLDEST if self.live else Overflow.WAIT,
+            loop=loop,
+            on_drop=self._stream_metrics.frames_dropped_buffer.inc,
+            is_marker=is_marker,
+        )
+
+        def on_state(state: SourceState, detail: str) -> None:  # called on the decode thread
+            loop.call_soon_threadsafe(self._on_state, state, detail)
+
+        self.source = PyAVSource(
+            self.config,
+            self._runner.backend.input_size,
+            ring,
+            self._stream_metrics,
+            on_state=on_state,
+            clock=self._clock,
+        )
+        self.source.start()
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._cut(ring), name=f"streamd[{self.name}].window")
+                tasks.create_task(self._analyse(), name=f"streamd[{self.name}].analyse")
+        finally:
+            self.source.stop()
+
+    def stop(self) -> None:
+        """Graceful stop: no new frames or windows; the window being analysed may finish."""
+        self._stopping = True
+        if self.source is not None:
+            self.source.stop()
+        if self._mailbox.take_pending() is not None:
+            self._dropped("shutdown")
+        self._mailbox.close()
+
+    @property
+    def healthy(self) -> bool:
+        """Source delivering (or a file that ended without error)."""
+        if self.state is SourceState.CONNECTED:
+            return True
+        return self.state in (SourceState.ENDED, SourceState.STOPPED) and self.last_error is None
+
+    def _on_state(self, state: SourceState, detail: str) -> None:
+        self.state = state
+        if state is SourceState.CONNECTED:
+            self.last_error = None
+            self._sink.stream_status(self.name, online=True)
+        elif state in (SourceState.RECONNECTING, SourceState.ENDED, SourceState.STOPPED):
+            failed = state is SourceState.RECONNECTING or detail != "end of stream"
+            if failed and state is not SourceState.STOPPED:
+                self.last_error = detail
+            self._sink.stream_status(self.name, online=False)
+
+    # --- windows -------------------------------------------------------------------------------
+
+    async def _cut(self, ring: FrameRing[SourceItem]) -> None:
+        windower = Windower(self.name, self.config.window_s, self.config.stride_s)
+        try:
+            async for window in windows_from(ring, windower):
+                await self._submit(window)
+        except MailboxClosed:
+            pass  # stop() closed it: shutting down
+        finally:
+            self._mailbox.close()
+
+    async def _submit(self, window: Window) -> None:
+        self._stream_metrics.windows.inc()
+        gate = self.config.motion_gate
+        gated = gate > 0 and motion.analyse(window.frames).peak < gate
+        logger.debug(
+            "stream %s: window #%d %.1f-%.1fs, %d frames%s",
+            self.name,
+            window.seq,
+            window.start_s,
+            window.end_s,
+            len(window.frames),
+            " (below motion gate)" if gated else "",
+        )
+        await self._mailbox.put(_Pending(window, time.monotonic(), gated))
+
+    def _replaced(self, pending: _Pending) -> None:
+        self._dropped("busy")
+
+    def _dropped(self, reason: str) -> None:
+        self._metrics.windows_dropped.labels(stream=self.name, reason=reason).inc()
+
+    # --- analysis ------------------------------------------------------------------------------
+
+    async def _analyse(self) -> None:
+        try:
+            while True:
+                try:
+                    pending = await self._mailbox.get()
+                except MailboxClosed:
+                    break
+                if pending.gated:
+                    self._dropped("motion_gate")
+                    await self._observe(pending.window, Score(None, "", "below motion gate"))
+                    continue
+                score = await self._score(pending.window)
+                if score is not None:
+                    await self._scored(pending, score)
+        except asyncio.CancelledError:
+            self._dropped("shutdown")  # the window in the model when time ran out
+            raise
+        finally:
+            for event in self._aggregator.finish():
+                self._publish_event(event)
+
+    async def _score(self, window: Window) -> Score | None:
+        request = ScoreRequest(window, self._prompt, self._describe_below)
+        try:
+            return await self._runner.score(request)
+        except ModelError as exc:
+            self._dropped("model_error")
+            logger.warning("stream %s: window #%d not analysed: %s", self.name, window.seq, exc)
+            return None
+
+    async def _scored(self, pending: _Pending, score: Score) -> None:
+        window = pending.window
+        latency = time.monotonic() - pending.cut_at
+        self._stream_metrics.windows_analyzed.inc()
+        self._metrics.window_seconds.observe(latency)
+        if score.significance is None:
+            self._stream_metrics.unparsed_answers.inc()
+        if self.live:
+            self._stream_metrics.window_lag.set(max(0.0, self._clock() - window.wall_end_s))
+        logger.info(
+            "stream %s: window #%d %.1f-%.1fs significance %s: %s",
+            self.name,
+            window.seq,
+            window.start_s,
+            window.end_s,
+            score.significance if score.significance is not None else "unreadable",
+            score.description or "-",
+        )
+        self._sink.analysis(self.name, encode(analysis_payload(window, score, latency)))
+        await self._observe(window, score)
+
+    async def _observe(self, window: Window, score: Score) -> None:
+        for event in self._aggregator.observe(window, score):
+            if event.best_window == window.seq and event.type is not EventType.END:
+                frame = window.frames[min(event.best_frame, len(window.frames) - 1)]
+                await self._snapshot(frame)
+            self._publish_event(event)
+
+    def _publish_event(self, event: Event) -> None:
+        payload = encode(event_payload(event, self.config.profile, self._runner.backend.model_id))
+        logger.info(
+            "event %s %s %s (significance %d, peak %d): %s",
+            event.type.value,
+            self.name,
+            event.id,
+            event.significance,
+            event.peak_significance,
+            event.description or "-",
+        )
+        self._sink.event(event, payload)
+
+    async def _snapshot(self, frame: Frame) -> None:
+        # JPEG encoding is milliseconds of CPU: keep it off the loop.
+        try:
+            async with asyncio.timeout(SNAPSHOT_TIMEOUT_S):
+                jpeg = await asyncio.to_thread(snapshot_jpeg, frame)
+        except (TimeoutError, OSError, ValueError) as exc:
+            logger.warning("stream %s: no snapshot: %s", self.name, exc)
+            return
+        self._sink.snapshot(self.name, jpeg)
+
+
+async def windows_from(ring: FrameRing[SourceItem], windower: Windower) -> AsyncIterator[Window]:
+    """Windows cut from a source's frames, tail windows included, until the source ends."""
+    while True:
+        try:
+            item = await ring.get()
+        except RingClosed:
+            return
+        if isinstance(item, SourceBreak):
+            for window in windower.flush(item.end_s):
+                yield window
+            if item.final:
+                return
+            continue
+        for window in windower.push(item):
+            yield window
+
+
+def snapshot_jpeg(frame: Frame) -> bytes:
+    """JPEG of a frame, un-squashed to the source's aspect ratio (about 10 ms)."""
+    width, height = frame.source_size
+    image = PILImage.fromarray(frame.image)
+    if width > 0 and height > 0:
+        out_w = min(SNAPSHOT_WIDTH, max(width, 1))
+        out_h = max(1, round(out_w * height / width))
+        image = image.resize((out_w, out_h), PILImage.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=SNAPSHOT_QUALITY)
+    return buffer.getvalue()

@@ -1,0 +1,52 @@
+"""The scoring seam: what every backend (transformers, mlx, motion, a remote server) provides."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from streamd.domain import Score, ScoreRequest
+
+
+@runtime_checkable
+class ScoringBackend(Protocol):
+    """A model that turns windows into scores.
+
+    Every method except the properties is blocking and is called from the one model thread
+    (``ModelRunner``), never from the event loop: implementations need no locking.
+    """
+
+    name: str
+    """Backend name as in the config (``transformers``, ``mlx``, ``motion``)."""
+    model_id: str
+    """What was loaded: hub id or local directory (``motion`` for the motion backend)."""
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """``(width, height)`` the frames must be resized to; valid after ``load``."""
+        ...
+
+    @property
+    def max_batch(self) -> int:
+        """How many windows one ``score`` call takes at most (1: no batching)."""
+        ...
+
+    def load(self) -> None:
+        """Load weights; raise ``ModelError`` with a message naming the model and a fix."""
+        ...
+
+    def warm_up(self) -> None:
+        """Run one throwaway window so the first real one pays no one-off cost."""
+        ...
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[Score]:
+        """Score up to ``max_batch`` windows; one ``Score`` per request, in order."""
+        ...
+
+    def describe(self) -> str:
+        """One line for logs: model, device, dtype."""
+        ...
+
+    def close(self) -> None:
+        """Release the model (memory, device)."""
+        ...

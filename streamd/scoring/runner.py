@@ -1,0 +1,221 @@
+"""ModelRunner: owns the backend on one thread and serves every stream's windows fairly."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from streamd.domain import Score, ScoreRequest
+from streamd.errors import ModelError
+from streamd.metrics import Metrics
+from streamd.scoring.base import ScoringBackend
+
+logger = logging.getLogger(__name__)
+
+LOAD_TIMEOUT_S = 1800.0
+"""Loading may include a first download of the weights; beyond this something is wrong."""
+
+
+@dataclass(slots=True)
+class _Job:
+    request: ScoreRequest
+    future: asyncio.Future[Score]
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class ModelRunner:
+    """The one place the model runs.
+
+    The backend is loaded, warmed up and called on a single dedicated thread
+    (``streamd-model``), so backends need no locking and the event loop never blocks on
+    inference. Each pipeline has at most one window waiting here at a time (its own mailbox
+    holds the next), so serving the queue in arrival order is round-robin across streams;
+    up to ``backend.max_batch`` waiting windows of different streams go in one call.
+
+    A call that outlives ``timeout_s`` cannot be killed: the runner marks itself stalled, fails
+    every waiter with ``ModelError`` and accepts nothing until the stuck call returns.
+    """
+
+    def __init__(
+        self, backend: ScoringBackend, metrics: Metrics, timeout_s: float, *, warm_up: bool = True
+    ) -> None:
+        self.backend = backend
+        self.timeout_s = timeout_s
+        self._metrics = metrics
+        self._warm_up = warm_up
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="streamd-model"
+        )
+        self._queue: deque[_Job] = deque()
+        self._wake = asyncio.Event()
+        self.ready = False
+        self.stalled_since: float | None = None
+        self.batches = 0
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> ModelRunner:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start(self, load_timeout_s: float = LOAD_TIMEOUT_S) -> None:
+        """Load and warm up the model on its thread; raises ``ModelError`` on failure."""
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(load_timeout_s):
+                await loop.run_in_executor(self._executor, self._load)
+        except TimeoutError as exc:
+            raise ModelError(
+                f"{self.backend.model_id}: not loaded after {load_timeout_s:.0f}s"
+            ) from exc
+        self.ready = True
+        self._metrics.model_ready.set(1)
+        logger.info("model ready: %s (%.1fs)", self.backend.describe(), time.monotonic() - started)
+
+    def _load(self) -> None:
+        self.backend.load()
+        if self._warm_up:
+            self.backend.warm_up()
+
+    async def close(self) -> None:
+        """Fail waiters, release the model and the thread (without waiting for a stuck call)."""
+        self.ready = False
+        self._metrics.model_ready.set(0)
+        self._fail_queue(ModelError("model runner closed"))
+        if self.stalled_since is None:
+            loop = asyncio.get_running_loop()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(10):
+                    await loop.run_in_executor(self._executor, self.backend.close)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # --- serving ------------------------------------------------------------------------------
+
+    @property
+    def waiting(self) -> int:
+        """Windows queued for the model."""
+        return len(self._queue)
+
+    async def score(self, request: ScoreRequest) -> Score:
+        """Score one window; raises ``ModelError`` if the model failed or is stalled."""
+        if self.stalled_since is not None:
+            raise ModelError("model stalled")
+        if not self.ready:
+            raise ModelError("model not ready")
+        future: asyncio.Future[Score] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Job(request, future))
+        self._wake.set()
+        return await future
+
+    async def run(self) -> None:
+        """The scheduler task: take waiting windows in arrival order, batch, score, answer."""
+        while True:
+            while not self._queue or self.stalled_since is not None:
+                self._wake.clear()
+                await self._wake.wait()
+            await self._serve(self._take_batch())
+
+    def _take_batch(self) -> list[_Job]:
+        batch: list[_Job] = []
+        streams: set[str] = set()
+        for job in list(self._queue):
+            if len(batch) >= self.backend.max_batch:
+                break
+            if job.future.done():  # the waiter went away (shutdown)
+                self._queue.remove(job)
+                continue
+            if job.request.window.stream in streams:
+                continue  # one window per stream per batch: fairness
+            streams.add(job.request.window.stream)
+            batch.append(job)
+            self._queue.remove(job)
+        return batch
+
+    async def _serve(self, batch: list[_Job]) -> None:
+        if not batch:
+            return
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        for job in batch:
+            self._metrics.stage_seconds.labels(stage="queue").observe(now - job.enqueued)
+        requests = [job.request for job in batch]
+        call = self._executor.submit(self.backend.score, requests)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                scores = await asyncio.wrap_future(call, loop=loop)
+        except TimeoutError:
+            self._stall(call, batch)
+            return
+        except Exception as exc:  # the backend failed on these windows: fail them, go on
+            logger.exception("model failed on %d window(s)", len(batch))
+            for job in batch:
+                _fail(job, ModelError(f"model failed: {exc}"))
+            return
+        self.batches += 1
+        if len(scores) != len(batch):
+            for job in batch:
+                _fail(job, ModelError("backend returned the wrong number of scores"))
+            return
+        for job, result in zip(batch, scores, strict=True):
+            self._observe(result)
+            if not job.future.done():
+                job.future.set_result(result)
+
+    def _observe(self, result: Score) -> None:
+        timings = result.timings
+        stage = self._metrics.stage_seconds
+        stage.labels(stage="vision").observe(timings.vision_s)
+        stage.labels(stage="prefill").observe(timings.prefill_s)
+        stage.labels(stage="generate").observe(timings.generate_s)
+        self._metrics.vision_cache_hits.inc(timings.vision_hits)
+        self._metrics.vision_cache_misses.inc(timings.vision_misses)
+
+    def _stall(self, call: concurrent.futures.Future[list[Score]], batch: list[_Job]) -> None:
+        self.stalled_since = time.monotonic()
+        logger.error(
+            "model stalled: no answer within %.0fs; refusing windows until it returns",
+            self.timeout_s,
+        )
+        error = ModelError(f"model stalled (> {self.timeout_s:.0f}s)")
+        for job in batch:
+            _fail(job, error)
+        self._fail_queue(error)
+        loop = asyncio.get_running_loop()
+
+        def returned(_call: concurrent.futures.Future[list[Score]]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nothing to recover
+                loop.call_soon_threadsafe(self._recover)
+
+        call.add_done_callback(returned)
+
+    def _recover(self) -> None:
+        if self.stalled_since is not None:
+            logger.warning(
+                "model answered again after %.0fs stalled", time.monotonic() - self.stalled_since
+            )
+            self.stalled_since = None
+            self._wake.set()
+
+    def _fail_queue(self, error: ModelError) -> None:
+        while self._queue:
+            _fail(self._queue.popleft(), error)
+
+
+def _fail(job: _Job, error: ModelError) -> None:
+    if not job.future.done():
+        job.future.set_exception(error)

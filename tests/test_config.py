@@ -1,0 +1,221 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from streamd.config import (
+    Config,
+    StreamConfig,
+    is_file_url,
+    load_config,
+    parse_config,
+    summarize,
+)
+from streamd.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+MINIMAL = {"streams": [{"name": "frontdoor", "url": "rtsp://cam.local:554/stream1"}]}
+
+
+def problems_of(raw: object, environ: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw, environ or {})
+    return caught.value.problems
+
+
+def with_stream(**keys: object) -> dict[str, object]:
+    return {"streams": [{"name": "cam", "url": "rtsp://h/s", **keys}]}
+
+
+def test_minimal_gets_every_default() -> None:
+    config = parse_config(MINIMAL, {})
+    stream = config.streams[0]
+    assert config.model.id == "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"
+    assert config.model.backend == "auto"
+    assert config.mqtt.port == 1883
+    assert config.mqtt.topic_prefix == "streamd"
+    assert config.mqtt.outbox_size == 10000
+    assert config.metrics.address == ("127.0.0.1", 9108)
+    assert (stream.sample_fps, stream.window_s, stream.stride_s) == (1.0, 8.0, 4.0)
+    assert stream.profile == "surveillance"
+    assert stream.min_significance == 6
+    assert stream.is_live
+
+
+@pytest.mark.parametrize("path", ["config/minimal.yaml", "config/streamd.example.yaml"])
+def test_shipped_examples_are_valid(path: str) -> None:
+    config = load_config(REPO / path, environ={"FRONTDOOR_PASSWORD": "pw"})
+    assert config.streams
+
+
+def test_example_documents_every_key() -> None:
+    text = (REPO / "config/streamd.example.yaml").read_text()
+    documented = yaml.safe_load(text)
+    for section, model in (("model", "ModelConfig"), ("mqtt", "MqttConfig")):
+        fields = set(getattr(__import__("streamd.config", fromlist=[model]), model).model_fields)
+        assert fields - {"password_file"} <= set(documented[section]), section
+    assert "password_file" in text
+    assert set(StreamConfig.model_fields) - {"name", "url", "live", "realtime"} <= set(
+        documented["defaults"]
+    )
+    assert {"name", "url", "live", "realtime"} <= set(documented["streams"][0])
+    assert "shutdown_timeout_s" in documented
+
+
+def test_stream_overrides_defaults() -> None:
+    raw = {
+        "defaults": {"window_s": 10, "stride_s": 5, "profile": "sports"},
+        "streams": [
+            {"name": "a", "url": "rtsp://h/a"},
+            {"name": "b", "url": "rtsp://h/b", "window_s": 20, "profile": "scene"},
+        ],
+    }
+    a, b = parse_config(raw, {}).streams
+    assert (a.window_s, a.stride_s, a.profile) == (10, 5, "sports")
+    assert (b.window_s, b.stride_s, b.profile) == (20, 5, "scene")
+
+
+def test_env_substitution() -> None:
+    raw = with_stream(url="rtsp://u:${CAM_PASS}@h/s")
+    config = parse_config(raw, {"CAM_PASS": "s3cret"})
+    assert config.streams[0].url == "rtsp://u:s3cret@h/s"
+    assert "s3cret" not in summarize(config)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"streams": [{"name": "cam", "url": "x"}], "bogus": 1}, "bogus: unknown key"),
+        ({"model": {"colour": "red"}, **MINIMAL}, "model.colour: unknown key"),
+        ({"mqtt": {"hots": "x"}, **MINIMAL}, "mqtt.hots: unknown key"),
+        ({"defaults": {"windows_s": 3}, **MINIMAL}, "defaults.windows_s: unknown key"),
+        (with_stream(fps=3), "streams[0].fps: unknown key"),
+        ({}, "streams: field required"),
+        ({"streams": []}, "streams: must list at least one stream"),
+        ({"streams": {"a": 1}}, "streams: must be a list, not dict"),
+        ({"streams": ["rtsp://x"]}, "streams[0]: must be a mapping, not str"),
+        ({"streams": [{"name": "cam"}]}, "streams[0].url: field required"),
+        ({"streams": [{"url": "x"}]}, "streams[0].name: field required"),
+        (with_stream(name="Front Door"), "streams[0].name: must match [a-z0-9_-]+"),
+        (with_stream(window_s=2, stride_s=3), "streams[0]: stride_s (3) must not exceed window_s"),
+        (with_stream(sample_fps=0), "streams[0].sample_fps: input should be greater than 0"),
+        (with_stream(sample_fps=0.1, window_s=5, stride_s=5), "holds no frame"),
+        (with_stream(min_significance=11), "streams[0].min_significance: input should be less"),
+        (with_stream(profile="nature"), "streams[0].profile: input should be 'highlights'"),
+        (with_stream(motion_gate=2), "streams[0].motion_gate: input should be less than or equal"),
+        ({"defaults": {"window_s": 1, "stride_s": 2}, **MINIMAL}, "defaults: stride_s (2)"),
+        ({"model": {"device": "gpu"}, **MINIMAL}, "model.device: must be auto, cpu, mps, cuda"),
+        ({"model": {"dtype": "int4"}, **MINIMAL}, "model.dtype: input should be 'auto'"),
+        ({"model": {"backend": "onnx"}, **MINIMAL}, "model.backend: input should be 'auto'"),
+        ({"model": {"max_new_tokens": 0}, **MINIMAL}, "model.max_new_tokens: input should be"),
+        ({"mqtt": {"port": 99999}, **MINIMAL}, "mqtt.port: input should be less than or equal"),
+        ({"mqtt": {"password": "x"}, **MINIMAL}, "mqtt: a password needs a username"),
+        (
+            {"mqtt": {"username": "u", "password": "x", "password_file": "/f"}, **MINIMAL},
+            "mqtt: set password or password_file, not both",
+        ),
+        ({"mqtt": {"tls": {"certfile": "/c"}}, **MINIMAL}, "mqtt.tls: certfile and keyfile go"),
+        ({"mqtt": {"topic_prefix": "a/#"}, **MINIMAL}, "mqtt.topic_prefix: string should match"),
+        ({"metrics": {"listen": "9108"}, **MINIMAL}, "metrics.listen: must be host:port"),
+        ({"metrics": {"listen": "h:70000"}, **MINIMAL}, "metrics.listen: port 70000 out of range"),
+        (with_stream(realtime=True), "streams[0].realtime: only applies to files"),
+        ({"shutdown_timeout_s": 0, **MINIMAL}, "shutdown_timeout_s: input should be greater"),
+        ([1, 2], "<root>: must be a mapping, not a list"),
+    ],
+)
+def test_every_rule_has_a_failing_case(raw: object, expected: str) -> None:
+    problems = problems_of(raw)
+    assert any(p.startswith(expected) or expected in p for p in problems), problems
+
+
+def test_unset_variable_is_named() -> None:
+    problems = problems_of(with_stream(url="rtsp://u:${NOPE_VAR}@h/s"))
+    assert problems == ["streams[0].url: environment variable NOPE_VAR is not set"]
+
+
+def test_duplicate_names() -> None:
+    raw = {
+        "streams": [{"name": "a", "url": "x"}, {"name": "b", "url": "y"}, {"name": "a", "url": "z"}]
+    }
+    assert problems_of(raw) == ["streams[2].name: duplicate stream name 'a' (also streams[0])"]
+
+
+def test_all_problems_reported_at_once() -> None:
+    raw = {"foo": 1, "mqtt": {"port": 0}, "streams": [{"name": "A"}, {"name": "b", "url": "x"}]}
+    problems = problems_of(raw)
+    assert len(problems) == 4, problems
+    assert all(": " in p for p in problems)
+
+
+def test_password_file(tmp_path: Path) -> None:
+    secret = tmp_path / "mqtt-pass"
+    secret.write_text("hunter2\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "mqtt: {username: alice, password_file: mqtt-pass}\nstreams: [{name: a, url: rtsp://h/a}]\n"
+    )
+    config = load_config(cfg, environ={})
+    assert config.mqtt.password is not None
+    assert config.mqtt.password.get_secret_value() == "hunter2"
+    assert "hunter2" not in repr(config)
+
+
+def test_password_file_missing(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("mqtt: {username: a, password_file: /nope/x}\nstreams: [{name: a, url: x}]\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(cfg, environ={})
+    assert caught.value.problems == [
+        "mqtt.password_file: cannot read /nope/x: No such file or directory"
+    ]
+
+
+def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("streams: [\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(bad)
+    assert caught.value.problems[0].startswith(f"{bad}:2:1: invalid YAML")
+
+
+def test_config_is_frozen() -> None:
+    config = parse_config(MINIMAL, {})
+    with pytest.raises(ValueError, match="frozen"):
+        config.streams[0].window_s = 3  # type: ignore[misc]
+    assert isinstance(config, Config)
+
+
+def test_listen_variants() -> None:
+    ipv6 = parse_config({"metrics": {"listen": "[::1]:9000"}, **MINIMAL}, {})
+    assert ipv6.metrics.address == ("::1", 9000)
+    off = parse_config({"metrics": {"listen": ""}, **MINIMAL}, {})
+    assert off.metrics.address is None
+
+
+@pytest.mark.parametrize(
+    ("url", "is_file"),
+    [
+        ("/srv/match.mp4", True),
+        ("match.mp4", True),
+        ("file:///srv/match.mp4", True),
+        ("rtsp://h/s", False),
+        ("rtsps://h/s", False),
+        ("https://h/live.m3u8", False),
+        ("/dev/video0", False),
+    ],
+)
+def test_live_auto(url: str, is_file: bool) -> None:
+    stream = parse_config({"streams": [{"name": "a", "url": url}]}, {}).streams[0]
+    assert is_file_url(url) is is_file
+    assert stream.is_live is not is_file
+
+
+def test_live_explicit_on_a_file_loops_it() -> None:
+    stream = parse_config({"streams": [{"name": "a", "url": "/x.mp4", "live": True}]}, {}).streams[
+        0
+    ]
+    assert stream.is_live

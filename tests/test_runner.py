@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from streamd.config import ModelConfig
+from streamd.domain import Prompt, ScoreRequest
+from streamd.errors import ModelError
+from streamd.metrics import Metrics
+from streamd.scoring import create_backend, resolve_backend_name
+from streamd.scoring.base import ScoringBackend
+from streamd.scoring.motion_impl import MotionBackend
+from streamd.scoring.runner import ModelRunner
+from tests.frames import window
+from tests.slow_backend import SlowBackend
+from tests.waiting import eventually
+
+PROMPT = Prompt("", "?")
+
+
+def request(stream: str, seq: int = 1) -> ScoreRequest:
+    return ScoreRequest(window(seq, 0, 4, stream=stream), PROMPT)
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+async def started(backend: SlowBackend, registry: CollectorRegistry, timeout_s: float = 5):
+    runner = ModelRunner(backend, Metrics(registry), timeout_s)
+    await runner.start()
+    return runner
+
+
+@pytest.fixture
+async def scheduler() -> AsyncIterator[list[asyncio.Task[None]]]:
+    tasks: list[asyncio.Task[None]] = []
+    yield tasks
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_scores_and_reports_ready(registry, scheduler) -> None:
+    runner = await started(SlowBackend(), registry)
+    scheduler.append(asyncio.create_task(runner.run()))
+    async with asyncio.timeout(5):
+        score = await runner.score(request("a"))
+    assert score.significance == 1
+    assert registry.get_sample_value("streamd_model_ready") == 1
+    assert registry.get_sample_value("streamd_stage_seconds_count", {"stage": "queue"}) == 1
+    await runner.close()
+    assert registry.get_sample_value("streamd_model_ready") == 0
+
+
+async def test_runs_on_one_dedicated_thread(registry, scheduler) -> None:
+    names: set[str] = set()
+
+    class Recording(SlowBackend):
+        def score(self, requests):
+            names.add(threading.current_thread().name)
+            return super().score(requests)
+
+        def load(self) -> None:
+            names.add(threading.current_thread().name)
+
+    runner = await started(Recording(), registry)
+    scheduler.append(asyncio.create_task(runner.run()))
+    async with asyncio.timeout(5):
+        await asyncio.gather(*(runner.score(request(s)) for s in "abc"))
+    assert len(names) == 1
+    assert next(iter(names)).startswith("streamd-model")
+    await runner.close()
+
+
+async def test_batches_windows_of_different_streams_fairly(registry, scheduler) -> None:
+    backend = SlowBackend(delay_s=0.05, max_batch=4)
+    runner = await started(backend, registry)
+    scheduler.append(asyncio.create_task(runner.run()))
+    async with asyncio.timeout(5):
+        first = asyncio.create_task(runner.score(request("a", 1)))
+        await asyncio.sleep(0.01)  # the model is now busy with a's window
+        rest = [
+            asyncio.create_task(runner.score(request(stream, seq)))
+            for stream, seq in (("a", 2), ("b", 1), ("c", 1), ("b", 2))
+        ]
+        await asyncio.gather(first, *rest)
+    # One window per stream per batch, in arrival order: a2, b1, c1 together, then b2.
+    assert backend.calls == [["a"], ["a", "b", "c"], ["b"]]
+    await runner.close()
+
+
+async def test_backend_failure_fails_only_that_batch(registry, scheduler) -> None:
+    backend = SlowBackend()
+    runner = await started(backend, registry)
+    scheduler.append(asyncio.create_task(runner.run()))
+    backend.fail_next = True
+    async with asyncio.timeout(5):
+        with pytest.raises(ModelError, match="injected failure"):
+            await runner.score(request("a"))
+        assert (await runner.score(request("a", 2))).significance == 1
+    await runner.close()
+
+
+async def test_stall_fails_waiters_then_recovers(registry, scheduler) -> None:
+    backend = SlowBackend()
+    runner = await started(backend, registry, timeout_s=0.2)
+    scheduler.append(asyncio.create_task(runner.run()))
+    backend.hang.set()
+    async with asyncio.timeout(5):
+        with pytest.raises(ModelError, match="stalled"):
+            await runner.score(request("a"))
+        assert runner.stalled_since is not None
+        with pytest.raises(ModelError, match="stalled"):
+            await runner.score(request("b"))
+        backend.hang.clear()
+        backend.release.set()  # the stuck call returns
+        await eventually(lambda: runner.stalled_since is None, what="recovered")
+        assert (await runner.score(request("a", 2))).significance == 1
+    await runner.close()
+
+
+async def test_load_failure_is_a_model_error(registry) -> None:
+    class Broken(SlowBackend):
+        def load(self) -> None:
+            raise ModelError("cannot load weights: /nope")
+
+    runner = ModelRunner(Broken(), Metrics(registry), 5)
+    with pytest.raises(ModelError, match="/nope"):
+        await runner.start()
+    assert registry.get_sample_value("streamd_model_ready") == 0
+    await runner.close()
+
+
+async def test_not_ready_refuses(registry) -> None:
+    runner = ModelRunner(SlowBackend(), Metrics(registry), 5)
+    with pytest.raises(ModelError, match="not ready"):
+        await runner.score(request("a"))
+    await runner.close()
+
+
+def test_backend_table() -> None:
+    assert resolve_backend_name("motion") == "motion"
+    assert resolve_backend_name("auto") in {"transformers", "mlx"}
+    backend = create_backend(ModelConfig(backend="motion"))
+    assert isinstance(backend, MotionBackend)
+    assert isinstance(backend, ScoringBackend)
