@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import platform
 import sys
 from collections.abc import Sequence
@@ -138,20 +137,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EXIT_CONFIG
-    from streamd.daemon import Daemon  # noqa: PLC0415 - keep `streamd version` light
+    from streamd import daemon  # noqa: PLC0415 - keep `streamd version` light
 
-    daemon = Daemon(config)
-    try:
-        code = asyncio.run(daemon.serve())
-    except Exception:
-        logger.exception("streamd crashed")
-        code = EXIT_FAILURE
-    if daemon.needs_hard_exit:
-        # The model thread may be stuck (or still loading): don't let interpreter exit wait for it.
-        logging.shutdown()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
+    return daemon.run(config)
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:

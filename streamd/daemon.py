@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Iterator
 from contextlib import AsyncExitStack
@@ -271,3 +273,22 @@ class Daemon:
             if pipeline.source is not None:
                 pipeline.source.join(timeout=0.1)
         logger.info("streamd stopped")
+
+
+def run(config: Config, backend: ScoringBackend | None = None) -> int:
+    """Serve ``config`` on a fresh event loop; returns the exit code (the ``run`` command).
+
+    If a thread may still be busy (a forced exit, a stuck model), the process exits at once
+    instead of letting the interpreter wait for that thread at exit.
+    """
+    daemon = Daemon(config, backend=backend)
+    try:
+        code = asyncio.run(daemon.serve())
+    except Exception:
+        logger.exception("streamd crashed")
+        code = EXIT_FAILURE
+    if daemon.needs_hard_exit:
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

@@ -17,6 +17,9 @@ import pytest
 from tests.broker import Mosquitto
 from tests.media import ClipSet
 from tests.rtsp import RtspServer, rtsp_unavailable_reason
+from tests.tiny_smolvlm import tiny_model_dir
+
+__all__ = ["tiny_model_dir"]  # a session fixture, registered here
 
 HTTP_SHUTDOWN_TIMEOUT_S = 5.0
 

@@ -55,6 +55,7 @@ class ModelRunner:
         self._queue: deque[_Job] = deque()
         self._wake = asyncio.Event()
         self.ready = False
+        self._in_flight: concurrent.futures.Future[list[Score]] | None = None
         self.stalled_since: float | None = None
         self.batches = 0
 
@@ -97,7 +98,8 @@ class ModelRunner:
         self.ready = False
         self._metrics.model_ready.set(0)
         self._fail_queue(ModelError("model runner closed"))
-        if self.stalled_since is None:
+        busy = self._in_flight is not None and not self._in_flight.done()
+        if not busy:  # a call still running (stuck, or cut short by shutdown) keeps the thread
             loop = asyncio.get_running_loop()
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(10):
@@ -155,6 +157,7 @@ class ModelRunner:
             self._metrics.stage_seconds.labels(stage="queue").observe(now - job.enqueued)
         requests = [job.request for job in batch]
         call = self._executor.submit(self.backend.score, requests)
+        self._in_flight = call
         try:
             async with asyncio.timeout(self.timeout_s):
                 scores = await asyncio.wrap_future(call, loop=loop)

@@ -66,8 +66,8 @@ class LogSink:
         """Status changes are already logged by the source."""
 
     def event(self, event: Event, payload: bytes) -> None:
-        """Log the event."""
-        logger.info("event %s %s: %s", event.type.value, event.stream, payload.decode())
+        """The pipeline logged the event already (one line each); the JSON goes to DEBUG."""
+        logger.debug("event %s %s: %s", event.type.value, event.stream, payload.decode())
         if self._on_published is not None:
             self._on_published(event)
 

@@ -1,0 +1,140 @@
+"""The daemon as a real process: lifecycle, signals, exit codes, health, systemd notify."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.broker import free_port
+from tests.daemon_proc import DaemonProcess, write_config
+from tests.media import ClipSet
+from tests.waiting import eventually_sync
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - local daemon
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def config_for(url: str, port: int, **stream: object) -> dict[str, object]:
+    return {
+        "model": {"backend": "motion"},
+        "mqtt": {"enabled": False},
+        "metrics": {"listen": f"127.0.0.1:{port}"},
+        "shutdown_timeout_s": 5,
+        "defaults": {"window_s": 2, "stride_s": 1, "min_significance": 5, "cooldown_s": 0},
+        "streams": [{"name": "cam", "url": url, **stream}],
+    }
+
+
+def sample(body: str, name: str) -> float:
+    for line in body.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in metrics")
+
+
+@pytest.mark.slow
+def test_file_run_metrics_health_and_notify(clips: ClipSet, tmp_path: Path) -> None:
+    port = free_port()
+    cfg = write_config(
+        tmp_path / "c.yaml", config_for(str(clips.scenecut.path), port, realtime=True)
+    )
+    with DaemonProcess(cfg, notify=True, watchdog_usec=2_000_000) as daemon:
+        base = f"http://127.0.0.1:{port}"
+        eventually_sync(lambda: get(f"{base}/healthz")[0] == 200, 15, "healthy")
+        assert get(f"{base}/healthz") == (200, "ok\n")
+        eventually_sync(
+            lambda: (
+                sample(get(f"{base}/metrics")[1], 'streamd_windows_analyzed_total{stream="cam"}')
+                >= 2
+            ),
+            15,
+        )
+        body = get(f"{base}/metrics")[1]
+        assert sample(body, 'streamd_frames_decoded_total{stream="cam"}') > 0
+        assert sample(body, 'streamd_frames_sampled_total{stream="cam"}') > 0
+        assert sample(body, 'streamd_stream_up{stream="cam"}') == 1
+        assert sample(body, "streamd_model_ready") == 1
+        assert daemon.wait(30) == 0  # the file ended: a clean stop
+        assert daemon.count(r"event new cam") == 1
+        assert daemon.count(r"event end cam") == 1
+        assert daemon.count(r"stream cam ended: end of stream") == 1
+    assert daemon.notifications[0].startswith("READY=1")
+    assert "WATCHDOG=1" in daemon.notifications
+    assert daemon.notifications[-1] == "STOPPING=1"
+
+
+@pytest.mark.slow
+def test_sigterm_mid_event_ends_it_and_exits_0(clips: ClipSet, tmp_path: Path) -> None:
+    # live: true on a file loops it forever at 1x: moving bars, an event that never ends alone.
+    cfg = write_config(
+        tmp_path / "c.yaml", config_for(str(clips.motion.path), free_port(), live=True)
+    )
+    with DaemonProcess(cfg) as daemon:
+        daemon.wait_for_line(r"event new cam")
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(10) == 0
+        new = daemon.wait_for_line(r"event new cam (\S+)")
+        end = daemon.wait_for_line(r"event end cam")
+        event_id = new.split("event new cam ")[1].split()[0]
+        assert event_id in end
+        assert daemon.count("streamd stopped") == 1
+        assert "Traceback" not in daemon.output
+
+
+@pytest.mark.slow
+def test_second_signal_forces_exit(clips: ClipSet, tmp_path: Path) -> None:
+    # A model that takes 20 s per window: a graceful stop would wait for it (up to the budget).
+    config = config_for(str(clips.motion.path), free_port(), live=True)
+    config["shutdown_timeout_s"] = 60
+    cfg = write_config(tmp_path / "c.yaml", config)
+    with DaemonProcess(cfg, delay_s=20) as daemon:
+        daemon.wait_for_line(r"stream cam: window #2 ")  # window #1 is in the model now
+        daemon.signal(signal.SIGINT)
+        daemon.wait_for_line(r"received SIGINT: stopping")
+        daemon.signal(signal.SIGINT)
+        assert daemon.wait(10) in (0, 1)
+        assert daemon.count("second signal: exiting now") == 1
+
+
+def test_port_taken_exits_3(clips: ClipSet, tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        cfg = write_config(tmp_path / "c.yaml", config_for(str(clips.static.path), port))
+        with DaemonProcess(cfg) as daemon:
+            assert daemon.wait(30) == 3
+            line = daemon.wait_for_line("startup failed")
+            assert f"metrics.listen 127.0.0.1:{port}: cannot listen" in line
+            assert "Traceback" not in daemon.output
+
+
+def test_model_failure_exits_3(clips: ClipSet, tmp_path: Path) -> None:
+    config = config_for(str(clips.static.path), free_port())
+    config["model"] = {"backend": "transformers", "id": str(tmp_path / "missing-model")}
+    cfg = write_config(tmp_path / "c.yaml", config)
+    with DaemonProcess(cfg) as daemon:
+        assert daemon.wait(60) == 3
+        line = daemon.wait_for_line("startup failed")
+        assert "missing-model" in line
+        assert "Traceback" not in daemon.output
+
+
+def test_unreadable_file_stream_exits_1(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.yaml", config_for(str(tmp_path / "nope.mp4"), free_port()))
+    with DaemonProcess(cfg) as daemon:
+        assert daemon.wait(30) == 1
+        assert daemon.count(r"stream cam ended: cannot open .*nope.mp4") == 1
+        assert daemon.count("every stream ended; failed: cam") == 1
