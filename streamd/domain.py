@@ -92,7 +92,11 @@ class ScoreRequest:
 
 @dataclass(frozen=True, slots=True)
 class StageTimings:
-    """Where the time of one window's analysis went, and what the vision cache did."""
+    """Where the time of the model call that scored a window went, and the window's cache use.
+
+    The stage seconds are those of the whole ``score`` call: the same for every window of a
+    batch, which waited for all of it. The hit and miss counts are this window's own.
+    """
 
     vision_s: float = 0.0
     prefill_s: float = 0.0

@@ -19,10 +19,9 @@ from prometheus_client import CollectorRegistry
 from streamd.config import ModelConfig, Profile, StreamConfig
 from streamd.domain import ScoreRequest, Window
 from streamd.errors import SourceError
-from streamd.ingest import PyAVSource, SourceItem, is_marker
+from streamd.ingest import PyAVSource
 from streamd.metrics import Metrics
-from streamd.pipeline import windows_from
-from streamd.ring import FrameRing, Overflow
+from streamd.pipeline import frame_ring, windows_from
 from streamd.scoring import create_backend
 from streamd.scoring.prompt import resolve_prompt
 from streamd.scoring.runner import ModelRunner
@@ -262,10 +261,9 @@ async def analyze(
     async with ModelRunner(backend, metrics, options.model.timeout_s) as runner:
         scheduler = asyncio.create_task(runner.run(), name="streamd.model")
         loop = asyncio.get_running_loop()
-        ring: FrameRing[SourceItem] = FrameRing(
-            RING_FRAMES, Overflow.WAIT, loop, is_marker=is_marker
-        )
-        source = PyAVSource(stream, backend.input_size, ring, metrics.for_stream(ANALYZE_STREAM))
+        stream_metrics = metrics.for_stream(ANALYZE_STREAM)
+        ring = frame_ring(stream, loop, stream_metrics)
+        source = PyAVSource(stream, backend.input_size, ring, stream_metrics)
         progress = ProgressBar(expected_windows(info.duration_s, options.window_s, stride), out)
         source.start()
         try:

@@ -17,6 +17,7 @@ import av.video.frame
 import av.video.stream
 import numpy as np
 
+from streamd.backoff import backoff_delay
 from streamd.config import StreamConfig, is_file_url
 from streamd.domain import LEGAL_TRANSITIONS, Frame, SourceState
 from streamd.errors import SourceError
@@ -27,8 +28,6 @@ from streamd.sampling import FrameSampler, Timeline
 
 logger = logging.getLogger(__name__)
 
-BACKOFF_BASE_S = 0.5
-BACKOFF_CAP_S = 30.0
 MAX_DEMUX_ERRORS_IN_A_ROW = 20
 """Corrupt container data: skip and resync this many times in a row before giving up."""
 FRAME_TIMEOUT_FACTOR = 2.0
@@ -60,11 +59,6 @@ StateListener = Callable[[SourceState, str], None]
 def is_marker(item: SourceItem) -> bool:
     """Ring predicate: markers bypass capacity and are never dropped."""
     return isinstance(item, SourceBreak)
-
-
-def backoff_delay(attempt: int, rng: random.Random) -> float:
-    """Capped full-jitter backoff: uniform in ``[0, min(cap, base * 2**attempt))``."""
-    return rng.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** min(attempt, 16)))
 
 
 def open_options(url: str, read_timeout_s: float) -> tuple[str | None, dict[str, str]]:
@@ -105,7 +99,9 @@ class PyAVSource:
         self._metrics = metrics
         self._on_state = on_state
         self._clock = clock
-        self._pace = config.realtime or (self.live and is_file_url(config.url))
+        # A file with ``live: true`` plays in a loop at 1x, like a camera.
+        self._loops = self.live and is_file_url(config.url)
+        self._pace = config.realtime or self._loops
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._rng = random.Random()  # noqa: S311 - jitter, not crypto
@@ -114,6 +110,7 @@ class PyAVSource:
         self._index = 0
         self._sampler = FrameSampler(config.sample_fps)
         self._last_pts: float | None = None
+        self._frame_period_s = 0.0
         self._connected_once = False
 
     # --- control (event loop) --------------------------------------------------------------
@@ -143,11 +140,17 @@ class PyAVSource:
     def _run(self) -> None:
         attempt = 0
         error: str | None = None
+        looping = False
         try:
             while not self._stop.is_set():
-                delivered, reason, failed = self._connect_and_read()
+                delivered, reason, failed = self._connect_and_read(looping)
                 if self._stop.is_set():
                     return  # stop(), not a lost source: STOPPED, no "reconnecting"
+                looping = self._loops and delivered and not failed
+                if looping:
+                    logger.debug("stream %s: end of file, playing it again", self.name)
+                    continue
+                self._metrics.stream_up.set(0)
                 if not self.live:
                     error = reason if failed else None
                     self._set_state(SourceState.ENDED, reason, failed=failed)
@@ -163,9 +166,13 @@ class PyAVSource:
             if self.state is not SourceState.ENDED:
                 self._set_state(SourceState.STOPPED, "stopped")
 
-    def _connect_and_read(self) -> tuple[bool, str, bool]:
-        """One connection: ``(delivered any frame, why it ended, whether that was a failure)``."""
+    def _connect_and_read(self, looping: bool) -> tuple[bool, str, bool]:
+        """One connection: ``(delivered any frame, why it ended, whether that was a failure)``.
+
+        ``looping``: this is a looped file starting over, not a reconnect.
+        """
         opened_at = self._clock()
+        first_index = self._index
         try:
             container = self._open()
         except SourceError as exc:
@@ -173,7 +180,7 @@ class PyAVSource:
         try:
             with container:
                 stream = _video_stream(container)
-                if self._connected_once:
+                if self._connected_once and not looping:
                     self._metrics.reconnects.inc()
                 self._connected_once = True
                 self._metrics.stream_up.set(1)
@@ -181,9 +188,7 @@ class PyAVSource:
                 delivered = self._read(container, stream, opened_at)
                 return delivered, "end of stream", False
         except SourceError as exc:
-            return self._index > 0, str(exc), True
-        finally:
-            self._metrics.stream_up.set(0)
+            return self._index > first_index, str(exc), True
 
     def _open(self) -> av.container.InputContainer:
         cfg = self.config
@@ -216,6 +221,7 @@ class PyAVSource:
         after the open: the frames buffered while probing were captured back then.
         """
         rate = stream.average_rate or stream.guessed_rate or Fraction(25)
+        self._frame_period_s = 1 / float(rate)
         origin = None
         if not self.live and container.start_time is not None:
             origin = container.start_time / av.time_base
@@ -319,7 +325,10 @@ class PyAVSource:
                 raise SourceError(_reason(exc)) from exc
 
     def _end_s(self) -> float | None:
-        return None if self._last_pts is None else self._last_pts + 1 / self.config.sample_fps
+        """Where the content seen so far ends: the last sample plus the gap to the next one."""
+        if self._last_pts is None:
+            return None
+        return self._last_pts + max(1 / self.config.sample_fps, self._frame_period_s)
 
     def _set_state(self, state: SourceState, detail: str, failed: bool = False) -> None:
         if state is self.state:

@@ -18,7 +18,7 @@ from streamd.domain import Event, EventType, Frame, Score, ScoreRequest, SourceS
 from streamd.errors import ModelError
 from streamd.ingest import PyAVSource, SourceBreak, SourceItem, is_marker
 from streamd.mailbox import Mailbox, MailboxClosed
-from streamd.metrics import Metrics
+from streamd.metrics import Metrics, StreamMetrics
 from streamd.payloads import analysis_payload, encode, event_payload
 from streamd.ring import FrameRing, Overflow, RingClosed
 from streamd.scoring.prompt import resolve_prompt
@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 LIVE_RING_SECONDS = 4.0
 """A live stream's frame ring holds this much sampled video before dropping the oldest."""
 FILE_RING_FRAMES = 8
+FILE_WAKE_BATCH = 4
+"""A file read as fast as possible hands frames over in fours (see ``FrameRing``)."""
 SNAPSHOT_WIDTH = 640
 SNAPSHOT_QUALITY = 85
 SNAPSHOT_TIMEOUT_S = 5.0
@@ -85,14 +87,7 @@ class StreamPipeline:
     async def run(self) -> None:
         """Ingest and analyse until the stream ends (files) or ``stop`` is called."""
         loop = asyncio.get_running_loop()
-        live_ring = max(2, round(LIVE_RING_SECONDS * self.config.sample_fps))
-        ring: FrameRing[SourceItem] = FrameRing(
-            maxsize=live_ring if self.live else FILE_RING_FRAMES,
-            overflow=Overflow.DROP_OLDEST if self.live else Overflow.WAIT,
-            loop=loop,
-            on_drop=self._stream_metrics.frames_dropped_buffer.inc,
-            is_marker=is_marker,
-        )
+        ring = frame_ring(self.config, loop, self._stream_metrics)
 
         def on_state(state: SourceState, detail: str) -> None:  # called on the decode thread
             loop.call_soon_threadsafe(self._on_state, state, detail)
@@ -235,7 +230,10 @@ class StreamPipeline:
 
     def _publish_event(self, event: Event) -> None:
         payload = encode(event_payload(event, self.config.profile, self._runner.backend.model_id))
-        logger.info(
+        # Opening and closing are state changes (INFO); an update repeats the window's line.
+        level = logging.DEBUG if event.type is EventType.UPDATE else logging.INFO
+        logger.log(
+            level,
             "event %s %s %s (significance %d, peak %d): %s",
             event.type.value,
             self.name,
@@ -255,6 +253,21 @@ class StreamPipeline:
             logger.warning("stream %s: no snapshot: %s", self.name, exc)
             return
         self._sink.snapshot(self.name, jpeg)
+
+
+def frame_ring(
+    config: StreamConfig, loop: asyncio.AbstractEventLoop, metrics: StreamMetrics
+) -> FrameRing[SourceItem]:
+    """The decode thread's hand-off for a stream: live rings drop the oldest, files wait."""
+    if config.is_live:
+        size = max(2, round(LIVE_RING_SECONDS * config.sample_fps))
+        return FrameRing(
+            size, Overflow.DROP_OLDEST, loop, metrics.frames_dropped_buffer.inc, is_marker
+        )
+    wake_batch = 1 if config.realtime else FILE_WAKE_BATCH
+    return FrameRing(
+        FILE_RING_FRAMES, Overflow.WAIT, loop, is_marker=is_marker, wake_batch=wake_batch
+    )
 
 
 async def windows_from(ring: FrameRing[SourceItem], windower: Windower) -> AsyncIterator[Window]:

@@ -21,7 +21,7 @@ from tests.conftest import RtspServerFactory
 from tests.media import ClipInfo, ClipSet, Codec, Segment, write_clip
 
 RTSP_READ_S = 1.0
-PASSWORD = "secret"  # noqa: S105 - the throwaway test broker's password
+PASSWORD = "secret"
 RTSP_OPTIONS = {
     "rtsp_transport": "tcp",
     "timeout": str(int(RTSP_READ_S * 1e6)),

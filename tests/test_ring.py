@@ -130,3 +130,34 @@ async def test_mailbox_take_pending() -> None:
     await box.put(7)
     assert box.take_pending() == 7
     assert box.take_pending() is None
+
+
+async def test_wake_batch_wakes_the_consumer_per_batch_marker_or_full() -> None:
+    ring: FrameRing[int] = FrameRing(
+        6, Overflow.WAIT, asyncio.get_running_loop(), is_marker=lambda x: x < 0, wake_batch=4
+    )
+    getter = asyncio.create_task(ring.get())
+    await asyncio.sleep(0)  # the consumer now waits
+    for item in (1, 2, 3):
+        ring.put(item)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not getter.done()  # three frames: no wake-up yet
+    ring.put(4)
+    async with asyncio.timeout(5):
+        assert await getter == 1
+    assert [ring.get_nowait() for _ in range(3)] == [2, 3, 4]
+    marker_getter = asyncio.create_task(ring.get())
+    await asyncio.sleep(0)
+    ring.put(-1)  # a marker wakes at once
+    async with asyncio.timeout(5):
+        assert await marker_getter == -1
+
+
+def test_wake_batch_must_fit_the_ring() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(ValueError, match="wake_batch"):
+            FrameRing(2, Overflow.WAIT, loop, wake_batch=3)
+    finally:
+        loop.close()

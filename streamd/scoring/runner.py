@@ -174,19 +174,20 @@ class ModelRunner:
             for job in batch:
                 _fail(job, ModelError("backend returned the wrong number of scores"))
             return
+        self._observe(scores)
         for job, result in zip(batch, scores, strict=True):
-            self._observe(result)
             if not job.future.done():
                 job.future.set_result(result)
 
-    def _observe(self, result: Score) -> None:
-        timings = result.timings
+    def _observe(self, scores: list[Score]) -> None:
+        # Stage seconds are per model call (shared by a batch's windows): observe them once.
+        timings = scores[0].timings
         stage = self._metrics.stage_seconds
         stage.labels(stage="vision").observe(timings.vision_s)
         stage.labels(stage="prefill").observe(timings.prefill_s)
         stage.labels(stage="generate").observe(timings.generate_s)
-        self._metrics.vision_cache_hits.inc(timings.vision_hits)
-        self._metrics.vision_cache_misses.inc(timings.vision_misses)
+        self._metrics.vision_cache_hits.inc(sum(s.timings.vision_hits for s in scores))
+        self._metrics.vision_cache_misses.inc(sum(s.timings.vision_misses for s in scores))
 
     def _stall(self, call: concurrent.futures.Future[list[Score]], batch: list[_Job]) -> None:
         self.stalled_since = time.monotonic()

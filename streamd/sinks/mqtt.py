@@ -17,9 +17,9 @@ import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
 
 from streamd import __version__
+from streamd.backoff import backoff_delay
 from streamd.config import MqttConfig
 from streamd.domain import Event
-from streamd.ingest import backoff_delay
 from streamd.metrics import Metrics
 from streamd.sinks.discovery import DiscoveryContext, config_filter, discovery_configs, node_id_for
 

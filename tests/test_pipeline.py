@@ -1,0 +1,70 @@
+"""StreamPipeline in-process: real decode, windows, runner and sink; metrics as the oracle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from streamd.config import StreamConfig
+from streamd.metrics import Metrics
+from streamd.pipeline import StreamPipeline
+from streamd.scoring.runner import ModelRunner
+from streamd.sinks import LogSink
+from tests.media import ClipSet
+from tests.slow_backend import SlowBackend
+
+
+async def run_file(url: str, backend: SlowBackend, **stream: object) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    settings = {"window_s": 2, "stride_s": 1, "min_significance": 5, "cooldown_s": 0, **stream}
+    config = StreamConfig.model_validate({"name": "cam", "url": url, **settings})
+    async with ModelRunner(backend, metrics, timeout_s=10) as runner:
+        scheduler = asyncio.create_task(runner.run())
+        try:
+            async with asyncio.timeout(30):
+                await StreamPipeline(config, runner, LogSink(), metrics).run()
+        finally:
+            scheduler.cancel()
+    return registry
+
+
+def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return registry.get_sample_value(name, {"stream": "cam", **labels}) or 0.0
+
+
+async def test_motion_gate_skips_static_windows(clips: ClipSet) -> None:
+    backend = SlowBackend()
+    registry = await run_file(str(clips.static.path), backend, motion_gate=0.01)
+    cut = value(registry, "streamd_windows_total")
+    assert cut == 5  # 6 s at 1 fps, 2 s windows every 1 s
+    assert value(registry, "streamd_windows_dropped_total", reason="motion_gate") == cut
+    assert value(registry, "streamd_windows_analyzed_total") == 0
+    assert backend.calls == []  # the model never ran
+
+
+async def test_motion_gate_lets_motion_through(clips: ClipSet) -> None:
+    backend = SlowBackend()
+    registry = await run_file(str(clips.motion.path), backend, motion_gate=0.01)
+    assert value(registry, "streamd_windows_dropped_total", reason="motion_gate") == 0
+    assert value(registry, "streamd_windows_analyzed_total") == value(
+        registry, "streamd_windows_total"
+    )
+
+
+async def test_file_waits_for_a_slow_model_and_drops_nothing(
+    clips: ClipSet, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="streamd.pipeline")
+    backend = SlowBackend(delay_s=0.05)
+    registry = await run_file(str(clips.activity.path), backend)
+    cut = value(registry, "streamd_windows_total")
+    assert cut == 15
+    assert value(registry, "streamd_windows_analyzed_total") == cut
+    assert value(registry, "streamd_windows_dropped_total", reason="busy") == 0
+    events = [r.getMessage() for r in caplog.records if r.getMessage().startswith("event ")]
+    assert events[0].startswith("event new cam")
+    assert events[-1].startswith("event end cam")
