@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -13,17 +11,8 @@ import pytest
 from tests.broker import free_port
 from tests.daemon_proc import DaemonProcess, write_config
 from tests.media import ClipSet
+from tests.scrape import get, metric
 from tests.waiting import eventually_sync
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError:
-        return 0, ""
 
 
 def config_for(url: str, port: int, **stream: object) -> dict[str, object]:
@@ -35,13 +24,6 @@ def config_for(url: str, port: int, **stream: object) -> dict[str, object]:
         "defaults": {"window_s": 2, "stride_s": 1, "min_significance": 5, "cooldown_s": 0},
         "streams": [{"name": "cam", "url": url, **stream}],
     }
-
-
-def sample(body: str, name: str) -> float:
-    for line in body.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in metrics")
 
 
 @pytest.mark.slow
@@ -56,16 +38,16 @@ def test_file_run_metrics_health_and_notify(clips: ClipSet, tmp_path: Path) -> N
         assert get(f"{base}/healthz") == (200, "ok\n")
         eventually_sync(
             lambda: (
-                sample(get(f"{base}/metrics")[1], 'streamd_windows_analyzed_total{stream="cam"}')
+                metric(get(f"{base}/metrics")[1], "streamd_windows_analyzed_total", stream="cam")
                 >= 2
             ),
             15,
         )
         body = get(f"{base}/metrics")[1]
-        assert sample(body, 'streamd_frames_decoded_total{stream="cam"}') > 0
-        assert sample(body, 'streamd_frames_sampled_total{stream="cam"}') > 0
-        assert sample(body, 'streamd_stream_up{stream="cam"}') == 1
-        assert sample(body, "streamd_model_ready") == 1
+        assert metric(body, "streamd_frames_decoded_total", stream="cam") > 0
+        assert metric(body, "streamd_frames_sampled_total", stream="cam") > 0
+        assert metric(body, "streamd_stream_up", stream="cam") == 1
+        assert metric(body, "streamd_model_ready") == 1
         assert daemon.wait(30) == 0  # the file ended: a clean stop
         assert daemon.count(r"event new cam") == 1
         assert daemon.count(r"event end cam") == 1

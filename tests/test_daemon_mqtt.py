@@ -6,7 +6,6 @@ import asyncio
 import json
 import re
 import signal
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from tests.conftest import RtspServerFactory
 from tests.daemon_proc import DaemonProcess, write_config
 from tests.media import ClipSet, Segment, write_clip
 from tests.mqtt_tools import Gate, Subscriber, retained
+from tests.scrape import get, metric
 from tests.waiting import eventually_sync
 
 pytestmark = pytest.mark.slow
@@ -70,16 +70,6 @@ def config(
 
 def payloads(sub: Subscriber, topic: str) -> list[dict[str, object]]:
     return [json.loads(bytes(m.payload)) for m in sub.on(topic)]
-
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        return str(response.read().decode())
-
-
-def metric(body: str, name: str) -> float:
-    values = [float(line.rsplit(" ", 1)[1]) for line in body.splitlines() if line.startswith(name)]
-    return sum(values)
 
 
 @pytest.fixture(scope="module")
@@ -333,16 +323,16 @@ async def test_slow_model_drops_windows_keeps_lag_and_memory_bounded(
         daemons.append(daemon)
         await wait_line(daemon, r"window #\d+ .* significance")
         for _ in range(16):
-            body = await asyncio.to_thread(scrape, metrics_port)
-            lags.append(metric(body, 'streamd_window_lag_seconds{stream="cam"}'))
+            body = (await asyncio.to_thread(get, f"http://127.0.0.1:{metrics_port}/metrics"))[1]
+            lags.append(metric(body, "streamd_window_lag_seconds", stream="cam"))
             rss.append(_rss_kb(daemon.proc.pid))
             await asyncio.sleep(1)  # sampling a 16 s run once a second, not syncing
-        body = await asyncio.to_thread(scrape, metrics_port)
+        body = (await asyncio.to_thread(get, f"http://127.0.0.1:{metrics_port}/metrics"))[1]
         daemon.signal(signal.SIGTERM)
         assert await asyncio.to_thread(daemon.wait, 20) == 0
-    busy = metric(body, 'streamd_windows_dropped_total{reason="busy",stream="cam"}')
-    analysed = metric(body, 'streamd_windows_analyzed_total{stream="cam"}')
-    cut = metric(body, 'streamd_windows_total{stream="cam"}')
+    busy = metric(body, "streamd_windows_dropped_total", reason="busy", stream="cam")
+    analysed = metric(body, "streamd_windows_analyzed_total", stream="cam")
+    cut = metric(body, "streamd_windows_total", stream="cam")
     assert busy >= 4, body
     assert analysed >= 4
     assert cut >= analysed + busy  # every window cut is analysed, dropped, or still pending

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import socket
-import urllib.error
-import urllib.request
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -10,6 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from streamd.errors import StreamdError
 from streamd.metrics import Metrics, MetricsServer
+from tests.scrape import get
 
 SPEC_METRICS = {
     "streamd_frames_decoded": "counter",
@@ -34,14 +33,6 @@ SPEC_METRICS = {
     "streamd_window_seconds": "histogram",
 }
 ALLOWED_LABELS = {"stream", "reason", "type", "stage", "le"}
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def test_every_spec_instrument_scraped_over_http() -> None:
