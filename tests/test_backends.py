@@ -22,10 +22,9 @@ from streamd.errors import ModelError
 from streamd.scoring import create_backend
 from streamd.scoring.base import ScoringBackend
 from streamd.scoring.prompt import DESCRIPTION_PREFIX, PROFILES, VideoTokens, render_video_prompt
+from tests.tiny_smolvlm import IMAGE_SEQ_LEN, IMAGE_SIZE
 
 TINY_CHECKPOINT_ENV = "STREAMD_TINY_SMOLVLM"
-TINY_IMAGE_SIZE = 64  # tests.tiny_smolvlm.IMAGE_SIZE, which cannot be imported without torch
-TINY_IMAGE_SEQ_LEN = 16
 MAX_NEW_TOKENS = 8
 PROMPT = PROFILES["surveillance"]
 NEEDS = {"transformers": ("torch", "transformers"), "mlx": ("mlx_vlm",)}
@@ -141,7 +140,7 @@ def test_input_size_is_positive_width_and_height(backend: ScoringBackend) -> Non
     assert width > 0
     assert height > 0
     if backend.name != "motion":  # read from the checkpoint's image processor config
-        assert backend.input_size == (TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+        assert backend.input_size == (IMAGE_SIZE, IMAGE_SIZE)
 
 
 def test_scores_two_windows_in_order(backend: ScoringBackend) -> None:
@@ -226,8 +225,8 @@ def test_mlx_prompt_matches_mlx_vlm_processing(
     window = cut_window(digit_backend.input_size, 2, 3)
     ids = digit_backend.prompt_ids(ScoreRequest(window, PROMPT))
     checkpoint = digit_backend.checkpoint
-    assert checkpoint.image_seq_len == TINY_IMAGE_SEQ_LEN
-    assert ids.count(checkpoint.image_token_id) == len(window.frames) * TINY_IMAGE_SEQ_LEN
+    assert checkpoint.image_seq_len == IMAGE_SEQ_LEN
+    assert ids.count(checkpoint.image_token_id) == len(window.frames) * IMAGE_SEQ_LEN
 
     _, processor = mlx_vlm.load(str(tiny_checkpoint))
     inputs = processor(
@@ -308,7 +307,7 @@ def test_mlx_unparseable_answer_is_none(request: pytest.FixtureRequest) -> None:
 def test_mlx_loads_and_scores_on_a_model_thread(request: pytest.FixtureRequest) -> None:
     """As ModelRunner does: created on the loop's thread, loaded and called on its own."""
     backend = create_backend(model_config("mlx", request))
-    window = cut_window((TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), 1, 2)
+    window = cut_window((IMAGE_SIZE, IMAGE_SIZE), 1, 2)
 
     def run() -> list[Score]:
         backend.load()
