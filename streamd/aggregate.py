@@ -49,11 +49,6 @@ class EventAggregator:
         self._seq = 0
         self._events = 0
 
-    @property
-    def is_open(self) -> bool:
-        """Whether an event is in progress."""
-        return self._open is not None
-
     def observe(self, window: Window, score: Score) -> list[Event]:
         """Feed one scored window (in window order); returns the messages it causes."""
         significance = score.significance

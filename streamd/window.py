@@ -43,11 +43,6 @@ class Windower:
         """Frames held for windows not yet cut."""
         return len(self._frames)
 
-    @property
-    def windows_cut(self) -> int:
-        """Windows cut so far (the last ``seq``)."""
-        return self._seq
-
     def _start(self, k: int) -> float:
         assert self._origin is not None  # noqa: S101 - callers set it first
         return self._origin + k * self.stride_s

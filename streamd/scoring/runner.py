@@ -57,7 +57,6 @@ class ModelRunner:
         self.ready = False
         self._in_flight: concurrent.futures.Future[list[Score]] | None = None
         self.stalled_since: float | None = None
-        self.batches = 0
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -169,7 +168,6 @@ class ModelRunner:
             for job in batch:
                 _fail(job, ModelError(f"model failed: {exc}"))
             return
-        self.batches += 1
         if len(scores) != len(batch):
             for job in batch:
                 _fail(job, ModelError("backend returned the wrong number of scores"))
