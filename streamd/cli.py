@@ -25,17 +25,12 @@ from streamd.config import (
     load_config,
     summarize,
 )
-from streamd.errors import ConfigError, ModelError, SourceError, StreamdError
+from streamd.errors import ConfigError, ExitCode, ModelError, SourceError, StreamdError
 from streamd.log import setup_logging
 
 logger = logging.getLogger("streamd")
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_STARTUP = 3
 MAX_SIGNIFICANCE = 10
-EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h: systemd's RestartPreventExitStatus=78
 VERSIONED = ("torch", "transformers", "av", "numpy", "aiomqtt", "mlx-vlm", "mlx")
 
 
@@ -45,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     handler = {
         "run": cmd_run,
         "check-config": cmd_check_config,
@@ -122,10 +117,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
     print(f"{args.file}: valid")
     print(summarize(config))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -136,7 +131,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
     from streamd import daemon  # noqa: PLC0415 - keep `streamd version` light
 
     return daemon.run(config)
@@ -148,7 +143,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     problem = _check_analyze_args(args)
     if problem:
         print(f"streamd analyze: {problem}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     from streamd import highlights  # noqa: PLC0415 - heavy imports only for this command
 
     try:
@@ -163,7 +158,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         field, _, problem = format_validation_error(exc, "")[0].partition(": ")
         option = "--model" if field == "id" else "--" + field.replace("_", "-")
         print(f"streamd analyze: {option}: {problem}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     options = highlights.AnalyzeOptions(
         video=args.video,
         model=model,
@@ -181,10 +176,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         model_id, spans = asyncio.run(highlights.analyze(options, info))
     except SourceError as exc:
         print(f"streamd analyze: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except ModelError as exc:
         print(f"streamd analyze: {exc}", file=sys.stderr)
-        return EXIT_STARTUP
+        return ExitCode.STARTUP
     chosen = highlights.merge_highlights(spans, args.min_significance, args.max_highlights)
     result = highlights.result_json(options, info.duration_s, model_id, len(spans), chosen)
     text = json.dumps(result, indent=2, ensure_ascii=False)
@@ -218,8 +213,8 @@ def _write_outputs(args: argparse.Namespace, text: str, spans: list[tuple[float,
                 print("streamd analyze: no highlights, no reel written", file=sys.stderr)
     except (OSError, StreamdError) as exc:
         print(f"streamd analyze: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    return EXIT_OK
+        return ExitCode.FAILURE
+    return ExitCode.OK
 
 
 def cmd_version(args: argparse.Namespace) -> int:
@@ -232,4 +227,4 @@ def cmd_version(args: argparse.Namespace) -> int:
         except metadata.PackageNotFoundError:
             continue
         print(f"{name} {version}")
-    return EXIT_OK
+    return ExitCode.OK

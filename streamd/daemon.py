@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from streamd.config import Config
 from streamd.domain import Event
-from streamd.errors import StreamdError
+from streamd.errors import ExitCode, StreamdError
 from streamd.metrics import Metrics, MetricsServer
 from streamd.pipeline import StreamPipeline
 from streamd.scoring import create_backend
@@ -28,9 +28,6 @@ from streamd.sinks import EventSink, LogSink
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_STARTUP = 3
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 TICK_S = 1.0
 CLOSE_S = 0.5
@@ -119,16 +116,16 @@ class Daemon:
                 self.runner = runner
                 stack.push_async_callback(runner.close)
                 if not await self._interruptible(runner.start()):
-                    return EXIT_OK  # a signal during startup
+                    return ExitCode.OK  # a signal during startup
                 self._started = True
             except StreamdError as exc:
                 logger.error("startup failed: %s", exc)
-                return EXIT_STARTUP
+                return ExitCode.STARTUP
             sink = self._make_sink(backend.model_id)
             self.pipelines = [
                 StreamPipeline(stream, runner, sink, self.metrics) for stream in config.streams
             ]
-            code = EXIT_FAILURE
+            code = ExitCode.FAILURE
             try:
                 code = await self._run(runner, sink)
             except* StreamdError as group:
@@ -198,16 +195,16 @@ class Daemon:
                 failed = [p.name for p in self.pipelines if p.last_error is not None]
                 if failed:
                     logger.error("every stream ended; failed: %s", ", ".join(failed))
-                    return EXIT_FAILURE
+                    return ExitCode.FAILURE
                 logger.info("every stream ended")
-                return EXIT_OK
+                return ExitCode.OK
             if self._stalled_too_long():
-                return EXIT_FAILURE
+                return ExitCode.FAILURE
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(TICK_S):
                     await self._wake.wait()
-        return EXIT_OK
+        return ExitCode.OK
 
     def _check_health(self) -> tuple[bool, str]:
         runner = self.runner
@@ -286,7 +283,7 @@ def run(config: Config, backend: ScoringBackend | None = None) -> int:
         code = asyncio.run(daemon.serve())
     except Exception:
         logger.exception("streamd crashed")
-        code = EXIT_FAILURE
+        code = ExitCode.FAILURE
     if daemon.needs_hard_exit:
         logging.shutdown()
         sys.stderr.flush()

@@ -1,4 +1,6 @@
-"""Exception hierarchy: third-party errors are converted to these at the boundary."""
+"""Exception hierarchy (third-party errors are converted to these at the boundary), exit codes."""
+
+import enum
 
 
 class StreamdError(Exception):
@@ -21,5 +23,12 @@ class ModelError(StreamdError):
     """The model cannot be loaded or failed while scoring."""
 
 
-class PublishError(StreamdError):
-    """Events cannot be published."""
+class ExitCode(enum.IntEnum):
+    """Process exit codes (spec.md); defined once, used by the CLI and the daemon."""
+
+    OK = 0
+    FAILURE = 1  # runtime failure: systemd restarts
+    USAGE = 2  # bad arguments or an unreadable video (analyze)
+    STARTUP = 3  # the model or the HTTP port failed at startup
+    CONFIG = 78  # EX_CONFIG from sysexits.h: systemd's RestartPreventExitStatus=78
+    INTERRUPTED = 130  # 128 + SIGINT: analyze stopped by Ctrl-C or SIGTERM
