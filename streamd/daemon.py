@@ -125,7 +125,7 @@ class Daemon:
             self.pipelines = [
                 StreamPipeline(stream, runner, sink, self.metrics) for stream in config.streams
             ]
-            code = ExitCode.FAILURE
+            code: int = ExitCode.FAILURE
             try:
                 code = await self._run(runner, sink)
             except* StreamdError as group:
