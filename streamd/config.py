@@ -1,18 +1,25 @@
 """Configuration schema and loader: YAML -> validated, frozen ``Config``.
 
-Everything is validated once at startup; components get only their own sub-model. Errors are
-collected, not raised one at a time, so a user sees every problem of a file in one go, one line
-each (``streams[1].url: field required``).
+The file's shape is defined here once, as pydantic models: ``Config`` is the root and each
+section is one model, so adding a section means adding one model and one field. Validation is
+pydantic's own, so every problem of a file is reported in one go, one line each
+(``streams[1].url: field required``). ``defaults:`` is merged into each stream by one
+``mode="before"`` validator. Parsing is pure (``parse_config``); ``load_config`` adds the
+I/O: reading the file, the environment, and checking the files it names.
+
+Relative paths (a stream's file, ``password_file``, TLS files) are relative to the config
+file's directory, as users of systemd units expect, never to the current directory.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -21,6 +28,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -29,30 +37,58 @@ from streamd.errors import ConfigError
 from streamd.log import redact_url
 
 STREAM_NAME_RE = re.compile(r"^[a-z0-9_-]+$")
-ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+ENV_RE = re.compile(
+    r"\$(?:(?P<escaped>\$)|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\})"
+)
+"""``${VAR}``, ``${VAR:-default}`` (unset or empty: the default) and ``$$`` (a literal ``$``)."""
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 MAX_PORT = 65535
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"
+MAX_WINDOW_FRAMES = 256
+"""Most sampled frames one window may hold: each is held at the model's input size (~0.8 MB at
+512x512 RGB), and SmolVLM2 itself was trained on at most 64 frames per video."""
+FRAME_BYTES = 512 * 512 * 3
 
+# Choice lists: defined once here, read everywhere else with ``typing.get_args``.
+Backend = Literal["auto", "transformers", "mlx", "motion"]
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 Profile = Literal["highlights", "sports", "surveillance", "scene", "technical"]
-PROFILES: tuple[str, ...] = ("highlights", "sports", "surveillance", "scene", "technical")
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["text", "json"]
+BACKEND_NAMES: tuple[str, ...] = get_args(Backend)
+DTYPES: tuple[str, ...] = get_args(Dtype)
+PROFILES: tuple[str, ...] = get_args(Profile)
+LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
+LOG_FORMATS: tuple[str, ...] = get_args(LogFormat)
+
+BASE_DIR = "base_dir"
+"""Validation-context key: the directory relative paths are resolved against."""
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False
+    )
+
+
+def _resolve(path: Path, info: ValidationInfo) -> Path:
+    """``path`` made absolute against the config file's directory (when there is one)."""
+    base = (info.context or {}).get(BASE_DIR)
+    path = path.expanduser()
+    if base is None or path.is_absolute():
+        return path
+    return Path(base) / path
 
 
 class ModelConfig(_Strict):
     """Which model scores the windows, and where it runs."""
 
-    backend: Literal["auto", "transformers", "mlx", "motion"] = Field(
+    backend: Backend = Field(
         "auto", description="auto: mlx on Apple Silicon with mlx-vlm installed, else transformers"
     )
     id: str = Field(DEFAULT_MODEL_ID, min_length=1, description="hub id or local directory")
     device: str = Field("auto", description="auto | cuda | cuda:N | mps | cpu")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="auto picks from the hardware"
-    )
+    dtype: Dtype = Field("auto", description="auto picks from the hardware")
     max_new_tokens: int = Field(64, ge=1, le=1024, description="longest description, in tokens")
     timeout_s: float = Field(
         120.0, gt=0, le=3600, description="one window's analysis longer than this stalls the runner"
@@ -73,6 +109,11 @@ class TlsConfig(_Strict):
     certfile: Path | None = Field(None, description="client certificate (mutual TLS)")
     keyfile: Path | None = Field(None, description="client key (mutual TLS)")
     insecure: bool = Field(False, description="skip hostname and certificate checks")
+
+    @field_validator("ca_certs", "certfile", "keyfile")
+    @classmethod
+    def _relative(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else _resolve(value, info)
 
     @model_validator(mode="after")
     def _pair(self) -> TlsConfig:
@@ -97,6 +138,11 @@ class MqttConfig(_Strict):
     outbox_size: int = Field(10000, ge=1, le=10_000_000)
     ha_discovery: bool = True
     discovery_prefix: str = Field("homeassistant", min_length=1, pattern=r"^[^#+\s]+$")
+
+    @field_validator("password_file")
+    @classmethod
+    def _relative(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return None if value is None else _resolve(value, info)
 
     @model_validator(mode="after")
     def _credentials(self) -> MqttConfig:
@@ -164,10 +210,18 @@ class StreamDefaults(_Strict):
             raise ValueError(
                 f"stride_s ({self.stride_s:g}) must not exceed window_s ({self.window_s:g})"
             )
-        if self.window_s * self.sample_fps < 1:
+        frames = self.window_s * self.sample_fps
+        if frames < 1:
             raise ValueError(
                 f"window_s ({self.window_s:g}) at sample_fps ({self.sample_fps:g}) holds no frame;"
                 " need window_s * sample_fps >= 1"
+            )
+        if frames > MAX_WINDOW_FRAMES:
+            need_gb = math.ceil(frames) * FRAME_BYTES / 1e9
+            raise ValueError(
+                f"window_s ({self.window_s:g}) x sample_fps ({self.sample_fps:g}) ="
+                f" {frames:g} frames per window, over the limit of {MAX_WINDOW_FRAMES}"
+                f" (holding them would take {need_gb:.3g} GB); lower window_s or sample_fps"
             )
         return self
 
@@ -187,6 +241,19 @@ class StreamConfig(StreamDefaults):
             raise ValueError(f"must match [a-z0-9_-]+, not {value!r}")
         return value
 
+    @field_validator("url")
+    @classmethod
+    def _relative_file(cls, value: str, info: ValidationInfo) -> str:
+        if is_file_url(value) and not value.startswith("file://"):
+            return str(_resolve(Path(value), info))
+        return value
+
+    @model_validator(mode="after")
+    def _realtime_files_only(self) -> StreamConfig:
+        if self.realtime and self.is_live:
+            raise ValueError("realtime: only applies to files, and this stream is live")
+        return self
+
     @property
     def is_live(self) -> bool:
         """Whether the source is live (cameras, feeds) rather than a recorded file."""
@@ -203,26 +270,56 @@ def is_file_url(url: str) -> bool:
 
 
 class Config(_Strict):
-    """The whole validated configuration."""
+    """The whole validated configuration: one field per section."""
 
-    model: ModelConfig = ModelConfig()
-    mqtt: MqttConfig = MqttConfig()
-    metrics: MetricsConfig = MetricsConfig()
-    defaults: StreamDefaults = StreamDefaults()
-    streams: tuple[StreamConfig, ...]
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    defaults: StreamDefaults = Field(default_factory=StreamDefaults)
+    streams: tuple[StreamConfig, ...] = Field(min_length=1)
     shutdown_timeout_s: float = Field(10.0, gt=0, le=600)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _inherit_defaults(cls, data: object, info: ValidationInfo) -> object:
+        """Every stream starts from ``defaults:``; an empty section means its defaults.
 
-_SECTIONS: dict[str, type[BaseModel]] = {
-    "model": ModelConfig,
-    "mqtt": MqttConfig,
-    "metrics": MetricsConfig,
-    "defaults": StreamDefaults,
-}
+        ``defaults:`` is merged only when it is valid itself, so its errors are listed once.
+        """
+        if not isinstance(data, dict):
+            return data
+        data = {key: value for key, value in data.items() if value is not None or key == "streams"}
+        defaults, streams = data.get("defaults", {}), data.get("streams")
+        if not (isinstance(defaults, dict) and isinstance(streams, list)):
+            return data
+        try:
+            StreamDefaults.model_validate(defaults, context=info.context)
+        except ValidationError:
+            return data
+        data["streams"] = [
+            {**defaults, **stream} if isinstance(stream, dict) else stream for stream in streams
+        ]
+        return data
+
+    @field_validator("streams")
+    @classmethod
+    def _unique_names(cls, streams: tuple[StreamConfig, ...]) -> tuple[StreamConfig, ...]:
+        seen: dict[str, int] = {}
+        for index, stream in enumerate(streams):
+            if stream.name in seen:
+                raise ValueError(
+                    f"duplicate stream name {stream.name!r}"
+                    f" (streams[{seen[stream.name]}] and streams[{index}])"
+                )
+            seen[stream.name] = index
+        return streams
+
+
+# --- loading -----------------------------------------------------------------------------------
 
 
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
-    """Read, substitute, validate. Raises ``ConfigError`` listing every problem."""
+    """Read, substitute, validate, check the files it names. Raises ``ConfigError``."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -237,83 +334,49 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError([f"{where}: invalid YAML: {problem}"]) from exc
-    config = parse_config(raw, os.environ if environ is None else environ)
-    return _read_secret_files(config, path.parent)
+    env = os.environ if environ is None else environ
+    config = parse_config(raw, env, base_dir=path.resolve().parent)
+    return _read_files(config)
 
 
-def parse_config(raw: object, environ: Mapping[str, str]) -> Config:
-    """Validate an already-parsed YAML document (pure: no file or env access beyond ``environ``)."""
+def parse_config(raw: object, environ: Mapping[str, str], base_dir: Path | None = None) -> Config:
+    """Validate an already-parsed YAML document (pure: no file or env access beyond ``environ``).
+
+    Args:
+        raw: The YAML document.
+        environ: Where ``${VAR}`` comes from.
+        base_dir: Relative paths are resolved against this (the config file's directory);
+            None leaves them as written.
+    """
     problems: list[str] = []
     raw = _substitute(raw, environ, "", problems)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError([f"<root>: must be a mapping, not {_kind(raw)}"])
-    sections: dict[str, BaseModel] = {}
-    for key in raw:
-        if key not in (*_SECTIONS, "streams", "shutdown_timeout_s"):
-            problems.append(f"{key}: unknown key")
-    for key, model in _SECTIONS.items():
-        value = raw.get(key)
-        try:
-            sections[key] = model.model_validate({} if value is None else value)
-        except ValidationError as exc:
-            problems.extend(format_validation_error(exc, key))
-    defaults = sections.get("defaults")
-    base = defaults.model_dump() if isinstance(defaults, StreamDefaults) else {}
-    streams = _parse_streams(raw.get("streams"), base, problems)
+    context = {BASE_DIR: base_dir} if base_dir is not None else None
+    try:
+        config = Config.model_validate(raw, context=context)
+    except ValidationError as exc:
+        problems.extend(format_validation_error(exc, ""))
+        raise ConfigError(problems) from exc
     if problems:
         raise ConfigError(problems)
-    try:
-        extra = {"shutdown_timeout_s": raw.get("shutdown_timeout_s", 10.0)}
-        return Config.model_validate({**sections, "streams": streams, **extra})
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, "")) from exc
-
-
-def _parse_streams(
-    raw_streams: object, base: dict[str, object], problems: list[str]
-) -> list[StreamConfig]:
-    if raw_streams is None:
-        problems.append("streams: field required")
-        return []
-    if not isinstance(raw_streams, list):
-        problems.append(f"streams: must be a list, not {_kind(raw_streams)}")
-        return []
-    if not raw_streams:
-        problems.append("streams: must list at least one stream")
-    streams: list[StreamConfig] = []
-    seen: dict[str, int] = {}
-    for index, raw_stream in enumerate(raw_streams):
-        where = f"streams[{index}]"
-        if not isinstance(raw_stream, dict):
-            problems.append(f"{where}: must be a mapping, not {_kind(raw_stream)}")
-            continue
-        try:
-            stream = StreamConfig.model_validate({**base, **raw_stream})
-        except ValidationError as exc:
-            problems.extend(format_validation_error(exc, where))
-            continue
-        if stream.name in seen:
-            problems.append(
-                f"{where}.name: duplicate stream name {stream.name!r}"
-                f" (also streams[{seen[stream.name]}])"
-            )
-        seen.setdefault(stream.name, index)
-        if stream.realtime and stream.is_live:
-            problems.append(f"{where}.realtime: only applies to files, and this stream is live")
-        streams.append(stream)
-    return streams
+    return config
 
 
 def _substitute(
     value: object, environ: Mapping[str, str], where: str, problems: list[str]
 ) -> object:
-    """Replace ``${VAR}`` in every string of the tree; an unset variable is a problem."""
+    """Replace ``${VAR}``, ``${VAR:-default}`` and ``$$`` in every string of the tree."""
     if isinstance(value, str):
 
         def replace(match: re.Match[str]) -> str:
-            name = match.group(1)
+            if match["escaped"]:
+                return "$"
+            name, default = match["name"], match["default"]
+            if default is not None:
+                return environ.get(name) or default
             if name not in environ:
                 problems.append(f"{where or '<root>'}: environment variable {name} is not set")
                 return ""
@@ -330,21 +393,49 @@ def _substitute(
     return value
 
 
-def _read_secret_files(config: Config, base_dir: Path) -> Config:
-    """Resolve ``*_file`` secrets (the only I/O after parsing)."""
+def _read_files(config: Config) -> Config:
+    """Check the files the config names and read its ``*_file`` secrets (the only I/O).
+
+    A missing CA bundle would otherwise pass and then fail every connection attempt forever
+    with an error that names no file.
+    """
     mqtt = config.mqtt
-    if mqtt.password_file is None:
+    problems: list[str] = []
+    if mqtt.enabled and mqtt.tls is not None:
+        for key in ("ca_certs", "certfile", "keyfile"):
+            tls_path: Path | None = getattr(mqtt.tls, key)
+            if tls_path is not None:
+                _check_readable(tls_path, f"mqtt.tls.{key}", problems)
+    secret: str | None = None
+    if mqtt.password_file is not None:
+        secret = _read_secret(mqtt.password_file, "mqtt.password_file", problems)
+    if problems:
+        raise ConfigError(problems)
+    if secret is None:
         return config
-    secret_path = mqtt.password_file
-    if not secret_path.is_absolute():
-        secret_path = base_dir / secret_path
-    try:
-        secret = secret_path.read_text(encoding="utf-8").rstrip("\r\n")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise ConfigError([f"mqtt.password_file: cannot read {secret_path}: {reason}"]) from exc
     new_mqtt = mqtt.model_copy(update={"password": SecretStr(secret), "password_file": None})
     return config.model_copy(update={"mqtt": new_mqtt})
+
+
+def _check_readable(path: Path, key: str, problems: list[str]) -> None:
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        problems.append(f"{key}: cannot read {path}: {exc.strerror or exc}")
+
+
+def _read_secret(path: Path, key: str, problems: list[str]) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        problems.append(f"{key}: cannot read {path}: {exc.strerror or exc}")
+    except UnicodeDecodeError:
+        problems.append(f"{key}: {path} is not UTF-8 text")
+    return None
+
+
+# --- errors and the summary --------------------------------------------------------------------
 
 
 def format_validation_error(exc: ValidationError, prefix: str) -> list[str]:
@@ -354,15 +445,25 @@ def format_validation_error(exc: ValidationError, prefix: str) -> list[str]:
         path = prefix
         for part in error["loc"]:
             path = f"{path}[{part}]" if isinstance(part, int) else _join(path, str(part))
-        lines.append(f"{path or '<root>'}: {_message(error['type'], error['msg'])}")
+        value = error.get("input")
+        if error["type"] == "too_short" and value:
+            continue  # only says that an item failed, and that item's error is listed
+        message = _message(error["type"], error["msg"], value)
+        lines.append(f"{path or '<root>'}: {message}")
     return lines
 
 
-def _message(kind: str, msg: str) -> str:
+def _message(kind: str, msg: str, value: object) -> str:
     if kind == "missing":
         return "field required"
     if kind == "extra_forbidden":
         return "unknown key"
+    if kind in ("tuple_type", "list_type"):
+        return f"must be a list, not {_kind(value)}"
+    if kind in ("model_type", "dict_type", "model_attributes_type"):
+        return f"must be a mapping, not {_kind(value)}"
+    if kind == "too_short" and isinstance(value, list | tuple) and not value:
+        return "must list at least one stream"
     msg = msg.removeprefix("Value error, ")
     return msg[:1].lower() + msg[1:]
 
@@ -372,7 +473,11 @@ def _join(path: str, key: str) -> str:
 
 
 def _kind(value: object) -> str:
-    return "a list" if isinstance(value, list) else type(value).__name__
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
 
 
 def summarize(config: Config) -> str:

@@ -5,7 +5,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from streamd import cli
 from streamd.config import (
+    BACKEND_NAMES,
+    DTYPES,
+    PROFILES,
     Config,
     StreamConfig,
     is_file_url,
@@ -13,7 +17,8 @@ from streamd.config import (
     parse_config,
     summarize,
 )
-from streamd.errors import ConfigError
+from streamd.errors import ConfigError, ExitCode
+from streamd.scoring import prompt
 
 REPO = Path(__file__).resolve().parent.parent
 MINIMAL = {"streams": [{"name": "frontdoor", "url": "rtsp://cam.local:554/stream1"}]}
@@ -46,7 +51,7 @@ def test_minimal_gets_every_default() -> None:
 
 @pytest.mark.parametrize("path", ["config/minimal.yaml", "config/streamd.example.yaml"])
 def test_shipped_examples_are_valid(path: str) -> None:
-    config = load_config(REPO / path, environ={"FRONTDOOR_PASSWORD": "pw"})
+    config = load_config(REPO / path, environ={})
     assert config.streams
 
 
@@ -94,7 +99,7 @@ def test_env_substitution() -> None:
         (with_stream(fps=3), "streams[0].fps: unknown key"),
         ({}, "streams: field required"),
         ({"streams": []}, "streams: must list at least one stream"),
-        ({"streams": {"a": 1}}, "streams: must be a list, not dict"),
+        ({"streams": {"a": 1}}, "streams: must be a list, not a mapping"),
         ({"streams": ["rtsp://x"]}, "streams[0]: must be a mapping, not str"),
         ({"streams": [{"name": "cam"}]}, "streams[0].url: field required"),
         ({"streams": [{"url": "x"}]}, "streams[0].name: field required"),
@@ -120,7 +125,7 @@ def test_env_substitution() -> None:
         ({"mqtt": {"topic_prefix": "a/#"}, **MINIMAL}, "mqtt.topic_prefix: string should match"),
         ({"metrics": {"listen": "9108"}, **MINIMAL}, "metrics.listen: must be host:port"),
         ({"metrics": {"listen": "h:70000"}, **MINIMAL}, "metrics.listen: port 70000 out of range"),
-        (with_stream(realtime=True), "streams[0].realtime: only applies to files"),
+        (with_stream(realtime=True), "streams[0]: realtime: only applies to files"),
         ({"shutdown_timeout_s": 0, **MINIMAL}, "shutdown_timeout_s: input should be greater"),
         ([1, 2], "<root>: must be a mapping, not a list"),
     ],
@@ -139,7 +144,7 @@ def test_duplicate_names() -> None:
     raw = {
         "streams": [{"name": "a", "url": "x"}, {"name": "b", "url": "y"}, {"name": "a", "url": "z"}]
     }
-    assert problems_of(raw) == ["streams[2].name: duplicate stream name 'a' (also streams[0])"]
+    assert problems_of(raw) == ["streams: duplicate stream name 'a' (streams[0] and streams[2])"]
 
 
 def test_all_problems_reported_at_once() -> None:
@@ -219,3 +224,143 @@ def test_live_explicit_on_a_file_loops_it() -> None:
         0
     ]
     assert stream.is_live
+
+
+def test_every_section_reported_at_once() -> None:
+    # shutdown_timeout_s used to be checked only once everything else was valid.
+    raw = {"shutdown_timeout_s": 0, "model": {"dtype": "int4"}, "streams": [{"name": "a"}]}
+    problems = problems_of(raw)
+    assert [p.split(":")[0] for p in problems] == [
+        "model.dtype",
+        "streams[0].url",
+        "shutdown_timeout_s",
+    ], problems
+
+
+def test_empty_sections_mean_defaults() -> None:
+    config = parse_config({"model": None, "mqtt": None, "defaults": None, **MINIMAL}, {})
+    assert config.mqtt.port == 1883
+    assert config.streams[0].window_s == 8.0
+
+
+def test_invalid_defaults_are_reported_once() -> None:
+    raw = {"defaults": {"window_s": -1}, "streams": [{"name": "a", "url": "x"}] * 1}
+    assert problems_of(raw) == ["defaults.window_s: input should be greater than 0"]
+
+
+@pytest.mark.parametrize(
+    ("url", "environ", "expected"),
+    [
+        ("rtsp://u:${P:-guest}@h/s", {}, "rtsp://u:guest@h/s"),
+        ("rtsp://u:${P:-guest}@h/s", {"P": ""}, "rtsp://u:guest@h/s"),
+        ("rtsp://u:${P:-guest}@h/s", {"P": "pw"}, "rtsp://u:pw@h/s"),
+        ("rtsp://u:${P:-}@h/s", {}, "rtsp://u:@h/s"),
+        ("rtsp://u:pa$$word@h/s", {}, "rtsp://u:pa$word@h/s"),
+        ("rtsp://u:$${P}@h/s", {"P": "x"}, "rtsp://u:${P}@h/s"),
+        ("rtsp://h/s?a=$1", {}, "rtsp://h/s?a=$1"),
+    ],
+)
+def test_env_default_and_escape(url: str, environ: dict[str, str], expected: str) -> None:
+    assert parse_config(with_stream(url=url), environ).streams[0].url == expected
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 5000])
+def test_window_bounds_without_traceback(value: float) -> None:
+    problems = problems_of(with_stream(window_s=value))
+    assert len(problems) == 1
+    assert problems[0].startswith("streams[0].window_s: ")
+
+
+def test_frames_per_window_are_bounded() -> None:
+    problems = problems_of({"defaults": {"window_s": 3600, "sample_fps": 120}, **MINIMAL})
+    assert len(problems) == 1, problems
+    problem = problems[0]
+    assert problem.startswith("defaults: window_s (3600) x sample_fps (120) = 432000 frames")
+    assert "over the limit of 256" in problem
+    assert "340 GB" in problem  # 432000 frames of 512x512 RGB
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    cfg_dir = tmp_path / "etc"
+    cfg_dir.mkdir(exist_ok=True)
+    cfg = cfg_dir / "streamd.yaml"
+    cfg.write_text(text)
+    return cfg
+
+
+def test_relative_paths_resolve_against_the_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = write_config(
+        tmp_path,
+        "mqtt: {username: u, password_file: secrets/mqtt, tls: {ca_certs: ca.pem}}\n"
+        "streams: [{name: a, url: videos/a.mp4}, {name: b, url: rtsp://h/b},"
+        " {name: c, url: /abs/c.mp4}]\n",
+    )
+    (cfg.parent / "secrets").mkdir()
+    (cfg.parent / "secrets/mqtt").write_text("pw\n")
+    (cfg.parent / "ca.pem").write_text("not checked here\n")
+    monkeypatch.chdir(tmp_path)  # somewhere else: the current directory must not matter
+    config = load_config(Path("etc/streamd.yaml"), environ={})
+    a, b, c = config.streams
+    assert a.url == str(cfg.parent.resolve() / "videos/a.mp4")
+    assert (b.url, c.url) == ("rtsp://h/b", "/abs/c.mp4")
+    assert config.mqtt.password is not None
+    assert config.mqtt.password.get_secret_value() == "pw"
+    assert config.mqtt.tls is not None
+    assert config.mqtt.tls.ca_certs == cfg.parent.resolve() / "ca.pem"
+
+
+def test_missing_tls_files_are_named(tmp_path: Path) -> None:
+    cfg = write_config(
+        tmp_path,
+        "mqtt: {tls: {ca_certs: /nope/ca.pem, certfile: c.pem, keyfile: /nope/k.pem}}\n"
+        "streams: [{name: a, url: rtsp://h/a}]\n",
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(cfg, environ={})
+    assert caught.value.problems == [
+        "mqtt.tls.ca_certs: cannot read /nope/ca.pem: No such file or directory",
+        f"mqtt.tls.certfile: cannot read {cfg.parent.resolve()}/c.pem: No such file or directory",
+        "mqtt.tls.keyfile: cannot read /nope/k.pem: No such file or directory",
+    ]
+
+
+def test_check_config_exits_78_naming_the_missing_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = write_config(
+        tmp_path,
+        "mqtt: {username: u, password_file: gone, tls: {ca_certs: /nope/ca.pem}}\n"
+        "streams: [{name: a, url: rtsp://h/a}]\n",
+    )
+    assert cli.main(["check-config", str(cfg)]) == ExitCode.CONFIG
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "mqtt.tls.ca_certs: cannot read /nope/ca.pem: No such file or directory",
+        f"mqtt.password_file: cannot read {cfg.parent.resolve()}/gone: No such file or directory",
+    ]
+
+
+def test_shipped_example_passes_check_config_as_shipped(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FRONTDOOR_PASSWORD", raising=False)
+    assert cli.main(["check-config", str(REPO / "config/streamd.example.yaml")]) == ExitCode.OK
+    out = capsys.readouterr().out
+    assert "frontdoor" in out
+    assert "match" in out
+
+
+def test_choice_lists_are_defined_once() -> None:
+    parser = cli.build_parser()
+    analyze = next(
+        action.choices["analyze"]
+        for action in parser._actions
+        if isinstance(action.choices, dict) and "analyze" in action.choices
+    )
+    choices = {a.dest: tuple(a.choices) for a in analyze._actions if a.choices}
+    assert choices["profile"] == PROFILES
+    assert choices["dtype"] == DTYPES
+    assert set(choices["backend"]) == set(BACKEND_NAMES)
+    assert set(prompt.PROFILES) == set(PROFILES)
