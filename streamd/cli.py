@@ -6,21 +6,31 @@ import argparse
 import asyncio
 import json
 import logging
+import math
+import os
 import platform
+import re
+import signal
 import sys
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Literal, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 from pydantic import ValidationError
 
 from streamd import __version__
 from streamd.config import (
+    BACKEND_NAMES,
     DEFAULT_MODEL_ID,
+    DTYPES,
+    LOG_FORMATS,
+    LOG_LEVELS,
     PROFILES,
     ModelConfig,
-    Profile,
+    ModelSection,
+    OpenAIModelConfig,
+    StreamConfig,
     format_validation_error,
     load_config,
     summarize,
@@ -28,10 +38,12 @@ from streamd.config import (
 from streamd.errors import ConfigError, ExitCode, ModelError, SourceError, StreamdError
 from streamd.log import setup_logging
 
+if TYPE_CHECKING:
+    from streamd import highlights
+
 logger = logging.getLogger("streamd")
 
-MAX_SIGNIFICANCE = 10
-VERSIONED = ("torch", "transformers", "av", "numpy", "aiomqtt", "mlx-vlm", "mlx")
+VERSIONED = ("torch", "transformers", "av", "numpy", "aiomqtt", "httpx", "mlx-vlm", "mlx")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -47,7 +59,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "analyze": cmd_analyze,
         "version": cmd_version,
     }[args.command]
-    return handler(args)
+    try:
+        code = handler(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `streamd version | head -1`: the reader left. Python's documented recipe: point
+        # stdout at devnull so the flush at exit does not raise again, and exit quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return ExitCode.FAILURE
+    except KeyboardInterrupt:  # Ctrl-C before a command installed its own handling
+        return ExitCode.INTERRUPTED
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,10 +100,10 @@ def _logging_args(parser: argparse.ArgumentParser, default_level: str = "info") 
     parser.add_argument(
         "--log-level",
         default=default_level,
-        choices=("debug", "info", "warning", "error"),
+        choices=LOG_LEVELS,
         help=f"default {default_level}",
     )
-    parser.add_argument("--log-format", default="text", choices=("text", "json"))
+    parser.add_argument("--log-format", default="text", choices=LOG_FORMATS)
 
 
 def _analyze_args(parser: argparse.ArgumentParser) -> None:
@@ -91,13 +115,19 @@ def _analyze_args(parser: argparse.ArgumentParser) -> None:
     add(
         "--backend",
         default="auto",
-        choices=("auto", "transformers", "mlx", "motion"),
+        choices=BACKEND_NAMES,
         help="default: mlx on Apple Silicon with mlx-vlm installed, else transformers",
     )
     add("--model", default=DEFAULT_MODEL_ID, metavar="ID_OR_DIR", help="hub id or local directory")
     add("--device", default="auto", help="auto | cuda | cuda:N | mps | cpu")
-    add("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"))
+    add("--dtype", default="auto", choices=DTYPES)
     add("--max-new-tokens", type=int, default=64, help="longest description (default 64)")
+    remote = parser.add_argument_group("--backend openai (a server speaking the OpenAI API)")
+    remote.add_argument("--base-url", default=None, metavar="URL", help="e.g. http://gpu:8000/v1")
+    remote.add_argument(
+        "--api-key-file", default=None, metavar="FILE", help="default: $OPENAI_API_KEY, if set"
+    )
+    remote.add_argument("--max-in-flight", type=int, default=8, help="requests at once (8)")
     add("--window-s", type=float, default=30.0, help="window length (default 30)")
     add("--overlap-s", type=float, default=5.0, help="overlap of consecutive windows (default 5)")
     add("--sample-fps", type=float, default=1.0, help="frames per second analysed (default 1)")
@@ -138,81 +168,275 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    """``streamd analyze VIDEO``: ranked highlights as JSON on stdout."""
+    """``streamd analyze VIDEO``: ranked highlights as JSON on stdout (and ``--json``)."""
     setup_logging(args.log_level, cast(Literal["text", "json"], args.log_format))
-    problem = _check_analyze_args(args)
-    if problem:
-        print(f"streamd analyze: {problem}", file=sys.stderr)
-        return ExitCode.USAGE
+    built = _analyze_configs(args)
+    if isinstance(built, list):
+        return _usage(built)
+    stream, model = built
     from streamd import highlights  # noqa: PLC0415 - heavy imports only for this command
 
-    try:
-        model = ModelConfig(
-            backend=args.backend,
-            id=args.model,
-            device=args.device,
-            dtype=args.dtype,
-            max_new_tokens=args.max_new_tokens,
-        )
-    except ValidationError as exc:
-        field, _, problem = format_validation_error(exc, "")[0].partition(": ")
-        option = "--model" if field == "id" else "--" + field.replace("_", "-")
-        print(f"streamd analyze: {option}: {problem}", file=sys.stderr)
-        return ExitCode.USAGE
-    options = highlights.AnalyzeOptions(
-        video=args.video,
-        model=model,
-        profile=cast(Profile, args.profile),
-        system_prompt=args.system,
-        prompt=args.prompt,
-        window_s=args.window_s,
-        overlap_s=args.overlap_s,
-        sample_fps=args.sample_fps,
-        min_significance=args.min_significance,
-        max_highlights=args.max_highlights,
-    )
+    options = highlights.AnalyzeOptions(args.video, model, stream, args.max_highlights)
+    analysis = highlights.Analysis(model_id=model.id)
     try:
         info = highlights.probe(args.video)
-        model_id, spans = asyncio.run(highlights.analyze(options, info))
+        interrupted = asyncio.run(_analyze_until_interrupted(options, info, analysis))
     except SourceError as exc:
-        print(f"streamd analyze: {exc}", file=sys.stderr)
-        return ExitCode.USAGE
+        return _usage([str(exc)])
     except ModelError as exc:
-        print(f"streamd analyze: {exc}", file=sys.stderr)
+        print(f"streamd analyze: {_analyze_knobs(str(exc))}", file=sys.stderr)
         return ExitCode.STARTUP
-    chosen = highlights.merge_highlights(spans, args.min_significance, args.max_highlights)
-    result = highlights.result_json(options, info.duration_s, model_id, len(spans), chosen)
-    text = json.dumps(result, indent=2, ensure_ascii=False)
-    print(text)
-    return _write_outputs(args, text, [(h.start_s, h.end_s) for h in chosen])
-
-
-def _check_analyze_args(args: argparse.Namespace) -> str | None:
-    checks = (
-        (args.window_s > 0, "--window-s must be > 0"),
-        (0 <= args.overlap_s < args.window_s, "--overlap-s must be >= 0 and below --window-s"),
-        (args.sample_fps > 0, "--sample-fps must be > 0"),
-        (args.window_s * args.sample_fps >= 1, "--window-s x --sample-fps must be >= 1 frame"),
-        (1 <= args.min_significance <= MAX_SIGNIFICANCE, "--min-significance must be 1-10"),
-        (args.max_highlights >= 1, "--max-highlights must be >= 1"),
-        (args.max_new_tokens >= 1, "--max-new-tokens must be >= 1"),
+    chosen = highlights.merge_highlights(
+        analysis.spans, stream.min_significance, options.max_highlights
     )
-    return next((problem for ok, problem in checks if not ok), None)
+    result = highlights.result_json(options, info.duration_s, analysis, chosen)
+    code = _write_outputs(args, json.dumps(result, indent=2, ensure_ascii=False), interrupted)
+    if code != ExitCode.OK:
+        return code
+    if interrupted:
+        print("streamd analyze: interrupted; the result holds what was scored", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    return _write_reel(args, [(h.start_s, h.end_s) for h in chosen])
 
 
-def _write_outputs(args: argparse.Namespace, text: str, spans: list[tuple[float, float]]) -> int:
+def _usage(problems: Sequence[str]) -> int:
+    for problem in problems:
+        print(f"streamd analyze: {problem}", file=sys.stderr)
+    return ExitCode.USAGE
+
+
+# --- analyze: arguments -> configs ----------------------------------------------------------
+
+ANALYZE_STREAM = "analyze"
+_ANALYZE_FLAGS = {
+    "url": "VIDEO",
+    "sample_fps": "--sample-fps",
+    "window_s": "--window-s",
+    "stride_s": "--overlap-s",
+    "profile": "--profile",
+    "system_prompt": "--system",
+    "prompt": "--prompt",
+    "min_significance": "--min-significance",
+    "id": "--model",
+    "backend": "--backend",
+    "device": "--device",
+    "dtype": "--dtype",
+    "max_new_tokens": "--max-new-tokens",
+    "base_url": "--base-url",
+    "api_key_file": "--api-key-file",
+    "max_in_flight": "--max-in-flight",
+}
+"""Config field -> the ``analyze`` flag that sets it (stride_s is --window-s - --overlap-s)."""
+_FIELD_RE = re.compile(
+    r"\bmodel\.(id|backend|device|dtype|max_new_tokens|base_url|api_key_file|max_in_flight)\b"
+    r"|\b(" + "|".join(name for name in _ANALYZE_FLAGS if "_" in name) + r")\b"
+)
+"""``model.id`` and friends, and the config keys no English word spells (``window_s``...)."""
+
+
+def _analyze_knobs(message: str) -> str:
+    """A message written in config keys (``set model.id``), in ``analyze``'s flags (``--model``).
+
+    Messages from the config and the backends name the config file's keys, the daemon's knobs;
+    each front end names its own, and this is ``analyze``'s table.
+    """
+    return _FIELD_RE.sub(lambda m: _ANALYZE_FLAGS[m[1] or m[2]], message)
+
+
+def _analyze_configs(args: argparse.Namespace) -> tuple[StreamConfig, ModelSection] | list[str]:
+    """The stream and model configs of the arguments, or one line per problem with them.
+
+    The config models' own rules apply, so ``analyze`` accepts exactly what a config file
+    accepts (finite numbers, frames per window...). Only the overlap and the number of
+    highlights are ``analyze``'s own. The output paths are checked last (they need a sane
+    command line first), all before any analysis.
+    """
+    problems: list[str] = []
+    window_ok = math.isfinite(args.window_s) and args.window_s > 0
+    overlap = args.overlap_s
+    if window_ok and not 0 <= overlap < args.window_s:
+        problems.append(f"--overlap-s: must be >= 0 and below --window-s ({args.window_s:g})")
+        overlap = 0.0
+    if args.max_highlights < 1:
+        problems.append("--max-highlights: must be >= 1")
+    stream = model = None
     try:
-        if args.json_path:
-            Path(args.json_path).write_text(text + "\n", encoding="utf-8")
-        if args.clip_out:
-            from streamd.reel import write_reel  # noqa: PLC0415
+        stream = StreamConfig(
+            name=ANALYZE_STREAM,
+            url=args.video,
+            live=False,
+            sample_fps=args.sample_fps,
+            window_s=args.window_s,
+            stride_s=args.window_s - overlap,
+            profile=args.profile,
+            system_prompt=args.system,
+            prompt=args.prompt,
+            min_significance=args.min_significance,
+        )
+    except ValidationError as exc:
+        problems += _flag_problems(exc)
+    try:
+        model = _model_config(args)
+    except ValidationError as exc:
+        problems += _flag_problems(exc)
+    if problems or stream is None or model is None:
+        return problems
+    return _output_problems(args) or (stream, model)
 
-            if spans:
-                write_reel(args.video, spans, args.clip_out)
-            else:
-                print("streamd analyze: no highlights, no reel written", file=sys.stderr)
+
+def _model_config(args: argparse.Namespace) -> ModelSection:
+    """The ``model:`` section the flags describe (each backend takes its own flags)."""
+    if args.backend == "openai":
+        remote: dict[str, object] = {"max_in_flight": args.max_in_flight}
+        if args.base_url is not None:
+            remote["base_url"] = args.base_url
+        if args.api_key_file is not None:
+            remote["api_key_file"] = args.api_key_file
+        return OpenAIModelConfig(id=args.model, max_new_tokens=args.max_new_tokens, **remote)
+    return ModelConfig(
+        backend=args.backend,
+        id=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        max_new_tokens=args.max_new_tokens,
+    )
+
+
+def _flag_problems(exc: ValidationError) -> list[str]:
+    """Pydantic's errors as ``--flag: what is wrong`` lines (model-wide ones name theirs)."""
+    lines = []
+    errors = [line.partition(": ")[::2] for line in format_validation_error(exc, "")]
+    window_bad = any(field == "window_s" for field, _ in errors)
+    for field, message in errors:
+        problem = _analyze_knobs(message)
+        if field == "stride_s" and window_bad:
+            continue  # the stride is --window-s minus --overlap-s: said once, for --window-s
+        if field == "stride_s":
+            lines.append(f"--overlap-s: --window-s minus --overlap-s {problem}")
+        elif field in _ANALYZE_FLAGS:
+            lines.append(f"{_ANALYZE_FLAGS[field]}: {problem}")
+        else:  # "<root>": a rule over several fields, whose message names them
+            lines.append(problem)
+    return lines
+
+
+# --- analyze: output paths ------------------------------------------------------------------
+
+
+def _output_problems(args: argparse.Namespace) -> list[str]:
+    """Everything wrong with ``--json`` and ``--clip-out``, checked before any analysis."""
+    outputs = [
+        (flag, path)
+        for flag, path in (("--json", args.json_path), ("--clip-out", args.clip_out))
+        if path is not None and not (flag == "--json" and path == "-")
+    ]
+    problems = []
+    for flag, path in outputs:
+        problem = _output_problem(args.video, path)
+        if problem is None and flag == "--clip-out":
+            from streamd.reel import check_reel_path  # noqa: PLC0415 - imports av
+
+            problem = check_reel_path(path)
+        if problem is not None:
+            problems.append(f"{flag}: {problem}")
+    both_fine = len(outputs) == 2 and not problems  # noqa: PLR2004 - --json and --clip-out
+    if both_fine and _same_file(args.json_path, args.clip_out):
+        problems.append(f"--clip-out: {args.clip_out}: is the --json file too")
+    return problems
+
+
+def _output_problem(video: str, path: str) -> str | None:
+    target = Path(path)
+    if _same_file(video, path):
+        return f"{path}: is the input video; refusing to overwrite it"
+    if target.is_dir():
+        return f"{path}: is a directory"
+    parent = Path(os.path.abspath(path)).parent
+    if not parent.is_dir():
+        return f"{path}: directory {parent} does not exist"
+    if target.exists() and not os.access(target, os.W_OK):
+        return f"{path}: not writable"
+    if not target.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        return f"{path}: directory {parent} is not writable"
+    return None
+
+
+def _same_file(a: str, b: str) -> bool:
+    """The same file: one path, or a symlink or hard link to it."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return Path(a).resolve() == Path(b).resolve()
+
+
+# --- analyze: running and writing -------------------------------------------------------------
+
+
+async def _analyze_until_interrupted(
+    options: highlights.AnalyzeOptions, info: highlights.VideoInfo, analysis: highlights.Analysis
+) -> bool:
+    """Run the analysis until it ends or SIGINT/SIGTERM arrive; True if they did.
+
+    A signal cancels the analysis task, which stops its decode thread and model, and leaves
+    ``analysis`` with what was scored: the caller still writes that (``"complete": false``).
+    """
+    from streamd import highlights  # noqa: PLC0415 - heavy imports only for this command
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.create_task(highlights.analyze(options, info, analysis), name="streamd.analyze")
+    interrupted = False
+
+    def interrupt() -> None:
+        nonlocal interrupted
+        if not interrupted:  # a second Ctrl-C must not cut the clean-up short
+            interrupted = True
+            task.cancel()
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for signum in signals:
+        loop.add_signal_handler(signum, interrupt)
+    try:
+        await task
+    except asyncio.CancelledError:
+        if not interrupted:
+            raise
+    except StreamdError as exc:  # the model or source gave up while being stopped
+        if not interrupted:
+            raise
+        logger.debug("while interrupted: %s", exc)
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+    return interrupted
+
+
+def _write_outputs(args: argparse.Namespace, text: str, interrupted: bool) -> int:
+    """The result to ``--json`` (first: stdout may be a closed pipe) and to stdout, once."""
+    if args.json_path and args.json_path != "-":
+        try:
+            Path(args.json_path).write_text(text + "\n", encoding="utf-8")
+        except OSError as exc:
+            print(f"streamd analyze: --json: {args.json_path}: {exc.strerror}", file=sys.stderr)
+            print(text)
+            return ExitCode.FAILURE
+    print(text)
+    if interrupted and args.clip_out:
+        logger.warning("interrupted: no reel written to %s", args.clip_out)
+    return ExitCode.OK
+
+
+def _write_reel(args: argparse.Namespace, spans: list[tuple[float, float]]) -> int:
+    if not args.clip_out:
+        return ExitCode.OK
+    if not spans:
+        print("streamd analyze: no highlights, no reel written", file=sys.stderr)
+        return ExitCode.OK
+    from streamd.reel import write_reel  # noqa: PLC0415 - imports av
+
+    try:
+        write_reel(args.video, spans, args.clip_out)
     except (OSError, StreamdError) as exc:
-        print(f"streamd analyze: {exc}", file=sys.stderr)
+        print(f"streamd analyze: --clip-out: {exc}", file=sys.stderr)
         return ExitCode.FAILURE
     return ExitCode.OK
 

@@ -19,14 +19,14 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import TYPE_CHECKING, Annotated, Literal, Union, get_args
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
+    Discriminator,
     Field,
     SecretStr,
+    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -35,74 +35,65 @@ from pydantic import (
 
 from streamd.errors import ConfigError
 from streamd.log import redact_url
+from streamd.scoring.local_config import DTYPES, Dtype, ModelConfig
+from streamd.scoring.openai_config import OpenAIModelConfig
+from streamd.scoring.registry import AUTO, BACKEND_CHOICES, BACKENDS
+from streamd.sections import BASE_DIR, DEFAULT_MODEL_ID, Section, resolve_path
 
 STREAM_NAME_RE = re.compile(r"^[a-z0-9_-]+$")
 ENV_RE = re.compile(
     r"\$(?:(?P<escaped>\$)|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\})"
 )
 """``${VAR}``, ``${VAR:-default}`` (unset or empty: the default) and ``$$`` (a literal ``$``)."""
-DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 MAX_PORT = 65535
-DEFAULT_MODEL_ID = "HuggingFaceTB/SmolVLM2-256M-Video-Instruct"
 MAX_WINDOW_FRAMES = 256
 """Most sampled frames one window may hold: each is held at the model's input size (~0.8 MB at
 512x512 RGB), and SmolVLM2 itself was trained on at most 64 frames per video."""
 FRAME_BYTES = 512 * 512 * 3
 
 # Choice lists: defined once here, read everywhere else with ``typing.get_args``.
-Backend = Literal["auto", "transformers", "mlx", "motion"]
-Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 Profile = Literal["highlights", "sports", "surveillance", "scene", "technical"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
-BACKEND_NAMES: tuple[str, ...] = get_args(Backend)
-DTYPES: tuple[str, ...] = get_args(Dtype)
+BACKEND_NAMES: tuple[str, ...] = BACKEND_CHOICES
 PROFILES: tuple[str, ...] = get_args(Profile)
 LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
 LOG_FORMATS: tuple[str, ...] = get_args(LogFormat)
 
-BASE_DIR = "base_dir"
-"""Validation-context key: the directory relative paths are resolved against."""
+__all__ = [
+    "BASE_DIR",
+    "DEFAULT_MODEL_ID",
+    "DTYPES",
+    "Dtype",
+    "ModelConfig",
+    "ModelSection",
+    "OpenAIModelConfig",
+]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(
-        frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False
-    )
+def _backend_tag(data: object) -> str:
+    """The ``model:`` section's tag: its ``backend`` (``auto`` when not given)."""
+    if isinstance(data, dict):
+        return str(data.get("backend", AUTO))
+    return str(getattr(data, "backend", AUTO))
 
 
-def _resolve(path: Path, info: ValidationInfo) -> Path:
-    """``path`` made absolute against the config file's directory (when there is one)."""
-    base = (info.context or {}).get(BASE_DIR)
-    path = path.expanduser()
-    if base is None or path.is_absolute():
-        return path
-    return Path(base) / path
+if TYPE_CHECKING:
+    ModelSection = ModelConfig | OpenAIModelConfig
+else:
+    # One member per backend name, from the registry: adding a backend adds no line here.
+    ModelSection = Annotated[
+        Union[  # noqa: UP007 - built at run time from the registry
+            tuple(
+                Annotated[spec.config, Tag(name)]
+                for name, spec in {AUTO: BACKENDS["transformers"], **BACKENDS}.items()
+            )
+        ],
+        Discriminator(_backend_tag),
+    ]
 
 
-class ModelConfig(_Strict):
-    """Which model scores the windows, and where it runs."""
-
-    backend: Backend = Field(
-        "auto", description="auto: mlx on Apple Silicon with mlx-vlm installed, else transformers"
-    )
-    id: str = Field(DEFAULT_MODEL_ID, min_length=1, description="hub id or local directory")
-    device: str = Field("auto", description="auto | cuda | cuda:N | mps | cpu")
-    dtype: Dtype = Field("auto", description="auto picks from the hardware")
-    max_new_tokens: int = Field(64, ge=1, le=1024, description="longest description, in tokens")
-    timeout_s: float = Field(
-        120.0, gt=0, le=3600, description="one window's analysis longer than this stalls the runner"
-    )
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        if not DEVICE_RE.match(value):
-            raise ValueError(f"must be auto, cpu, mps, cuda or cuda:N, not {value!r}")
-        return value
-
-
-class TlsConfig(_Strict):
+class TlsConfig(Section):
     """TLS towards the MQTT broker."""
 
     ca_certs: Path | None = Field(None, description="CA bundle that signed the broker's cert")
@@ -113,7 +104,7 @@ class TlsConfig(_Strict):
     @field_validator("ca_certs", "certfile", "keyfile")
     @classmethod
     def _relative(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        return None if value is None else _resolve(value, info)
+        return None if value is None else resolve_path(value, info)
 
     @model_validator(mode="after")
     def _pair(self) -> TlsConfig:
@@ -122,7 +113,7 @@ class TlsConfig(_Strict):
         return self
 
 
-class MqttConfig(_Strict):
+class MqttConfig(Section):
     """Where events go."""
 
     enabled: bool = True
@@ -142,7 +133,7 @@ class MqttConfig(_Strict):
     @field_validator("password_file")
     @classmethod
     def _relative(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        return None if value is None else _resolve(value, info)
+        return None if value is None else resolve_path(value, info)
 
     @model_validator(mode="after")
     def _credentials(self) -> MqttConfig:
@@ -154,7 +145,7 @@ class MqttConfig(_Strict):
         return self
 
 
-class MetricsConfig(_Strict):
+class MetricsConfig(Section):
     """The Prometheus endpoint."""
 
     listen: str = Field("127.0.0.1:9108", description='host:port of /metrics and /healthz; ""=off')
@@ -186,7 +177,7 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, port
 
 
-class StreamDefaults(_Strict):
+class StreamDefaults(Section):
     """Per-stream analysis settings; ``defaults`` holds them and every stream may override."""
 
     sample_fps: float = Field(1.0, gt=0, le=120, description="frames per second sent to the model")
@@ -245,7 +236,7 @@ class StreamConfig(StreamDefaults):
     @classmethod
     def _relative_file(cls, value: str, info: ValidationInfo) -> str:
         if is_file_url(value) and not value.startswith("file://"):
-            return str(_resolve(Path(value), info))
+            return str(resolve_path(Path(value), info))
         return value
 
     @model_validator(mode="after")
@@ -269,10 +260,10 @@ def is_file_url(url: str) -> bool:
     return not url.startswith("/dev/video")
 
 
-class Config(_Strict):
+class Config(Section):
     """The whole validated configuration: one field per section."""
 
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: ModelSection = Field(default_factory=ModelConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     defaults: StreamDefaults = Field(default_factory=StreamDefaults)
@@ -443,7 +434,12 @@ def format_validation_error(exc: ValidationError, prefix: str) -> list[str]:
     lines = []
     for error in exc.errors(include_url=False):
         path = prefix
-        for part in error["loc"]:
+        loc = error["loc"]
+        if len(loc) > 1 and loc[0] == "model" and loc[1] in BACKEND_CHOICES:
+            loc = (loc[0], *loc[2:])  # the union's tag is not a key of the file
+        if error["type"] == "union_tag_invalid":
+            loc = (*loc, "backend")
+        for part in loc:
             path = f"{path}[{part}]" if isinstance(part, int) else _join(path, str(part))
         value = error.get("input")
         if error["type"] == "too_short" and value:
@@ -453,11 +449,14 @@ def format_validation_error(exc: ValidationError, prefix: str) -> list[str]:
     return lines
 
 
+_FIXED_MESSAGES = {"missing": "field required", "extra_forbidden": "unknown key"}
+
+
 def _message(kind: str, msg: str, value: object) -> str:
-    if kind == "missing":
-        return "field required"
-    if kind == "extra_forbidden":
-        return "unknown key"
+    if kind in _FIXED_MESSAGES:
+        return _FIXED_MESSAGES[kind]
+    if kind == "union_tag_invalid":
+        return f"must be one of {', '.join(BACKEND_CHOICES)}, not {_backend_tag(value)!r}"
     if kind in ("tuple_type", "list_type"):
         return f"must be a list, not {_kind(value)}"
     if kind in ("model_type", "dict_type", "model_attributes_type"):
@@ -484,10 +483,7 @@ def summarize(config: Config) -> str:
     """The one-screen summary ``check-config`` prints."""
     model = config.model
     mqtt = config.mqtt
-    lines = [
-        f"model:   {model.id} (backend {model.backend}, device {model.device},"
-        f" dtype {model.dtype})",
-    ]
+    lines = [f"model:   {model.summary()}"]
     if mqtt.enabled:
         auth = f" as {mqtt.username}" if mqtt.username else ""
         tls = " tls" if mqtt.tls else ""

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from streamd.config import Config
 from streamd.domain import Event
 from streamd.errors import ExitCode, StreamdError
+from streamd.ingest import FRAME_TIMEOUT_FACTOR, PyAVSource
 from streamd.metrics import Metrics, MetricsServer
 from streamd.pipeline import StreamPipeline
 from streamd.scoring import create_backend
@@ -34,6 +35,8 @@ CLOSE_S = 0.5
 """Kept back from the shutdown budget to say goodbye to the broker."""
 PIPELINE_SHARE = 0.5
 """Share of ``shutdown_timeout_s`` the pipelines get to finish the window in the model."""
+JOIN_MIN_S = 0.1
+"""Decode threads always get this long to end, even when the shutdown budget is spent."""
 
 
 class Daemon:
@@ -61,17 +64,18 @@ class Daemon:
         self.should_exit = False
         self.force_exit = False
         self._wake = asyncio.Event()
-        self.health: tuple[bool, str] = (False, "starting")
         self.pipelines: list[StreamPipeline] = []
         self.runner: ModelRunner | None = None
         self._started = False
         self._last_watchdog = 0.0
+        self._threads_left: list[str] = []
 
     @property
     def needs_hard_exit(self) -> bool:
         """A thread may still be busy (forced exit, stuck model): don't wait for it at exit."""
         stalled = self.runner is not None and self.runner.stalled_since is not None
-        return self.force_exit or stalled or (self.should_exit and not self._started)
+        left = bool(self._threads_left)
+        return self.force_exit or stalled or left or (self.should_exit and not self._started)
 
     # --- signals -------------------------------------------------------------------------------
 
@@ -110,9 +114,9 @@ class Daemon:
             try:
                 address = config.metrics.address
                 if address is not None:
-                    stack.enter_context(MetricsServer(address, self.registry, lambda: self.health))
+                    stack.enter_context(MetricsServer(address, self.registry, self.health))
                 backend = self._backend or create_backend(config.model)
-                runner = ModelRunner(backend, self.metrics, config.model.timeout_s)
+                runner = ModelRunner(backend, self.metrics, config.model.stall_timeout_s)
                 self.runner = runner
                 stack.push_async_callback(runner.close)
                 if not await self._interruptible(runner.start()):
@@ -129,8 +133,13 @@ class Daemon:
             try:
                 code = await self._run(runner, sink)
             except* StreamdError as group:
-                logger.error("stopped on failure: %s", group.exceptions[0])
-            return code
+                if not self.force_exit:
+                    logger.error("stopped on failure: %s", group.exceptions[0])
+                else:  # work cut short by a second signal fails as it goes: not a failure
+                    logger.warning("forced stop: %s", group.exceptions[0])
+                    code = ExitCode.OK
+            # A forced stop (second signal) is a stop asked for: 0, like a graceful one.
+            return ExitCode.OK if self.force_exit else code
 
     async def _run(self, runner: ModelRunner, sink: EventSink) -> int:
         async with asyncio.TaskGroup() as tasks:
@@ -189,7 +198,6 @@ class Daemon:
     async def main_loop(self, pipeline_tasks: list[asyncio.Task[None]]) -> int:
         """Tick until told to exit or every stream has ended; returns the exit code."""
         while not self.should_exit:
-            self.health = self._check_health()
             self._ping_watchdog()
             if all(task.done() for task in pipeline_tasks):
                 failed = [p.name for p in self.pipelines if p.last_error is not None]
@@ -206,13 +214,20 @@ class Daemon:
                     await self._wake.wait()
         return ExitCode.OK
 
-    def _check_health(self) -> tuple[bool, str]:
+    def health(self) -> tuple[bool, str]:
+        """``/healthz``: evaluated when asked, on the metrics server's thread.
+
+        So it only reads attributes that are replaced whole (a flag, a float, the pipeline list,
+        each pipeline's status pair), never state that is changed in place.
+        """
+        if self.should_exit:
+            return False, "stopping"
         runner = self.runner
         if runner is None or not runner.ready:
             return False, "model not ready"
         if runner.stalled_since is not None:
             return False, "model stalled"
-        down = [p.name for p in self.pipelines if not p.healthy]
+        down = [p.name for p in tuple(self.pipelines) if not p.healthy]
         if down:
             return False, "streams down: " + ", ".join(down)
         return True, "ok"
@@ -266,10 +281,40 @@ class Daemon:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(CLOSE_S, deadline - time.monotonic())):
                 await sink.close()
-        for pipeline in self.pipelines:
-            if pipeline.source is not None:
-                pipeline.source.join(timeout=0.1)
+        await self._join_sources(deadline)
         logger.info("streamd stopped")
+
+    async def _join_sources(self, deadline: float) -> None:
+        """Wait for the decode threads, off the loop, as long as a blocked read may take.
+
+        A read or an open gives up after its timeout (PyAV's interrupt fires at about twice the
+        read timeout), bounded by what is left of the shutdown budget. A thread still running
+        then is named in the log and left behind (``needs_hard_exit``).
+        """
+        sources = [p.source for p in self.pipelines if p.source is not None]
+        if not sources:
+            return
+        left = max(JOIN_MIN_S, deadline - time.monotonic())
+        if self.force_exit:
+            left = JOIN_MIN_S
+        joined = await asyncio.gather(
+            *(
+                asyncio.to_thread(source.join, min(left, join_timeout_s(source)))
+                for source in sources
+            )
+        )
+        self._threads_left = [s.name for s, done in zip(sources, joined, strict=True) if not done]
+        if self._threads_left:
+            logger.warning(
+                "shutdown: decode thread of %s still running (blocked reading); leaving it",
+                ", ".join(self._threads_left),
+            )
+
+
+def join_timeout_s(source: PyAVSource) -> float:
+    """How long a decode thread may take to notice ``stop``: its longest blocking call."""
+    cfg = source.config
+    return max(cfg.open_timeout_s, FRAME_TIMEOUT_FACTOR * cfg.read_timeout_s) + CLOSE_S
 
 
 def run(config: Config, backend: ScoringBackend | None = None) -> int:

@@ -7,8 +7,8 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
@@ -16,39 +16,40 @@ import av
 import av.error
 from prometheus_client import CollectorRegistry
 
-from streamd.config import ModelConfig, Profile, StreamConfig
+from streamd.config import ModelSection, StreamConfig
 from streamd.domain import ScoreRequest, Window
 from streamd.errors import SourceError
 from streamd.ingest import PyAVSource
+from streamd.log import printable
 from streamd.metrics import Metrics
 from streamd.pipeline import frame_ring, windows_from
 from streamd.scoring import create_backend
 from streamd.scoring.prompt import resolve_prompt
 from streamd.scoring.runner import ModelRunner
+from streamd.timefmt import HOUR_S, format_clock
 from streamd.window import Windower
 
 logger = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 15.0
-RING_FRAMES = 8
-ANALYZE_STREAM = "analyze"
-HOUR_S = 3600
+SCHEDULER_STOP_TIMEOUT_S = 5.0
+JOIN_SLACK_S = 2.0
+"""The decode thread is given its read timeout plus this to stop."""
 
 
 @dataclass(frozen=True, slots=True)
 class AnalyzeOptions:
-    """What ``streamd analyze`` was asked to do."""
+    """What ``streamd analyze`` was asked to do: the stream and model configs, built once."""
 
     video: str
-    model: ModelConfig
-    profile: Profile = "highlights"
-    system_prompt: str | None = None
-    prompt: str | None = None
-    window_s: float = 30.0
-    overlap_s: float = 5.0
-    sample_fps: float = 1.0
-    min_significance: int = 6
+    model: ModelSection
+    stream: StreamConfig
     max_highlights: int = 10
+
+    @property
+    def overlap_s(self) -> float:
+        """How much consecutive windows overlap."""
+        return self.stream.window_s - self.stream.stride_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,16 +116,6 @@ def merge_highlights(
     return merged[:max_highlights]
 
 
-def format_clock(seconds: float, with_hours: bool) -> str:
-    """``M:SS``, or ``H:MM:SS`` when ``with_hours``."""
-    total = max(0, int(seconds))
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    if with_hours:
-        return f"{hours}:{minutes:02d}:{secs:02d}"
-    return f"{minutes}:{secs:02d}"
-
-
 def format_span(start_s: float, end_s: float) -> str:
     """``M:SS-M:SS``, or ``H:MM:SS-H:MM:SS`` once the span reaches an hour."""
     with_hours = end_s >= HOUR_S
@@ -138,22 +129,60 @@ def expected_windows(duration_s: float, window_s: float, stride_s: float) -> int
     return math.ceil((duration_s - window_s) / stride_s) + 1
 
 
+@dataclass(slots=True)
+class Analysis:
+    """What a run has scored so far. The caller owns it, so an interrupted run keeps its part.
+
+    Attributes:
+        model_id: The backend's model id (the configured one until the backend is created).
+        spans: Every scored window, in time order.
+        complete: True once the whole file was read and scored.
+    """
+
+    model_id: str
+    spans: list[ScoredSpan] = field(default_factory=list)
+    complete: bool = False
+
+    @property
+    def analyzed_s(self) -> tuple[float, float] | None:
+        """The stretch of the video the scored windows cover, or None before the first."""
+        if not self.spans:
+            return None
+        return self.spans[0].start_s, max(span.end_s for span in self.spans)
+
+
 def result_json(
     options: AnalyzeOptions,
     duration_s: float,
-    model_id: str,
-    windows: int,
+    analysis: Analysis,
     highlights: Sequence[Highlight],
 ) -> dict[str, object]:
-    """The spec's result object."""
+    """The spec's result object, plus ``complete`` and ``analyzed_s`` ([start, end] seconds)."""
+    span = analysis.analyzed_s
     return {
         "video": options.video,
         "duration_s": round(duration_s, 3),
-        "model": model_id,
-        "profile": options.profile,
-        "windows": windows,
+        "model": analysis.model_id,
+        "profile": options.stream.profile,
+        "windows": len(analysis.spans),
+        "complete": analysis.complete,
+        "analyzed_s": None if span is None else [round(span[0], 3), round(span[1], 3)],
         "highlights": [h.to_json() for h in highlights],
     }
+
+
+def ended_early(duration_s: float, analysis: Analysis, sample_fps: float) -> float | None:
+    """Where a complete run's video ended, when that is well before its stated duration.
+
+    A truncated file whose index is at the front still states the full duration; the frames
+    simply stop. "Well before" is more than a sample period and a second (or 1%) of slack,
+    since the last window ends one sample period after its last frame.
+    """
+    span = analysis.analyzed_s
+    if not analysis.complete or span is None or duration_s <= 0:
+        return None
+    slack = max(1.0, 2.0 / sample_fps, 0.01 * duration_s)
+    return span[1] if span[1] < duration_s - slack else None
 
 
 # --- I/O: probing, progress, the analysis run -------------------------------------------------
@@ -166,7 +195,6 @@ class VideoInfo:
     duration_s: float
     width: int
     height: int
-    has_audio: bool
 
 
 def probe(path: str) -> VideoInfo:
@@ -178,8 +206,7 @@ def probe(path: str) -> VideoInfo:
             if not container.streams.video:
                 raise SourceError(f"{path}: no video stream")
             stream = container.streams.video[0]
-            duration = _duration_s(container, stream)
-            return VideoInfo(duration, stream.width, stream.height, bool(container.streams.audio))
+            return VideoInfo(_duration_s(container, stream), stream.width, stream.height)
     except (av.error.FFmpegError, OSError) as exc:
         reason = getattr(exc, "strerror", None) or type(exc).__name__
         raise SourceError(f"{path}: not a readable video ({reason})") from exc
@@ -216,7 +243,7 @@ class ProgressBar:
         shown = min(self.done, self.total)
         elapsed = self._clock() - self._started
         left = elapsed / self.done * max(0, self.total - self.done)
-        eta = format_clock(left, left >= HOUR_S)
+        eta = format_clock(left)
         if self._tty:
             filled = round(30 * shown / self.total)
             bar = "#" * filled + "-" * (30 - filled)
@@ -237,48 +264,80 @@ class ProgressBar:
 
 
 async def analyze(
-    options: AnalyzeOptions, info: VideoInfo, out: TextIO = sys.stderr
-) -> tuple[str, list[ScoredSpan]]:
-    """Score every window of the file; returns the model id and the scored spans in time order.
+    options: AnalyzeOptions, info: VideoInfo, analysis: Analysis, out: TextIO = sys.stderr
+) -> None:
+    """Score every window of the file into ``analysis`` (in time order), then mark it complete.
 
-    Raises ``ModelError`` if the model cannot be loaded, ``SourceError`` if the file breaks.
+    Cancelling it (Ctrl-C) stops the decode thread and the model, and leaves ``analysis``
+    holding what was scored. Raises ``ModelError`` if the model cannot be loaded,
+    ``SourceError`` if no frame of the file can be decoded.
     """
-    stride = options.window_s - options.overlap_s
-    stream = StreamConfig(
-        name=ANALYZE_STREAM,
-        url=options.video,
-        live=False,
-        sample_fps=options.sample_fps,
-        window_s=options.window_s,
-        stride_s=stride,
-        profile=options.profile,
-        min_significance=options.min_significance,
-    )
     metrics = Metrics(CollectorRegistry())
     backend = create_backend(options.model)
-    prompt = resolve_prompt(options.profile, options.system_prompt, options.prompt)
-    spans: list[ScoredSpan] = []
-    async with ModelRunner(backend, metrics, options.model.timeout_s) as runner:
+    analysis.model_id = backend.model_id
+    async with ModelRunner(backend, metrics, options.model.stall_timeout_s) as runner:
         scheduler = asyncio.create_task(runner.run(), name="streamd.model")
-        loop = asyncio.get_running_loop()
-        stream_metrics = metrics.for_stream(ANALYZE_STREAM)
-        ring = frame_ring(stream, loop, stream_metrics)
-        source = PyAVSource(stream, backend.input_size, ring, stream_metrics)
-        progress = ProgressBar(expected_windows(info.duration_s, options.window_s, stride), out)
-        source.start()
         try:
-            windower = Windower(ANALYZE_STREAM, options.window_s, stride)
-            async for window in windows_from(ring, windower):
-                score = await runner.score(ScoreRequest(window, prompt, options.min_significance))
-                spans.append(_span(window, score.significance, score.description, info.duration_s))
-                progress.advance()
+            await _score_file(options, info, analysis, runner, backend.input_size, metrics, out)
         finally:
-            progress.close()
-            source.stop()
             scheduler.cancel()
-        if not spans and info.duration_s > 0:
-            raise SourceError(f"{options.video}: no frame could be decoded")
-    return backend.model_id, spans
+            # Bounded: the scheduler only awaits its own queue, so it ends at once.
+            await asyncio.wait({scheduler}, timeout=SCHEDULER_STOP_TIMEOUT_S)
+    if not analysis.spans and info.duration_s > 0:
+        raise SourceError(f"{options.video}: no frame could be decoded")
+    analysis.complete = True
+    end_s = ended_early(info.duration_s, analysis, options.stream.sample_fps)
+    if end_s is not None:
+        logger.warning(
+            "%s: video ended at %s of %s (truncated?); the result covers only that",
+            options.video,
+            format_clock(end_s),
+            format_clock(info.duration_s),
+        )
+
+
+async def _score_file(
+    options: AnalyzeOptions,
+    info: VideoInfo,
+    analysis: Analysis,
+    runner: ModelRunner,
+    input_size: tuple[int, int],
+    metrics: Metrics,
+    out: TextIO,
+) -> None:
+    """Decode the file on its own thread and score its windows as they are cut."""
+    stream = options.stream
+    stream_metrics = metrics.for_stream(stream.name)
+    ring = frame_ring(stream, asyncio.get_running_loop(), stream_metrics)
+    source = PyAVSource(stream, input_size, ring, stream_metrics)
+    prompt = resolve_prompt(stream.profile, stream.system_prompt, stream.prompt)
+    windower = Windower(stream.name, stream.window_s, stream.stride_s)
+    total = expected_windows(info.duration_s, stream.window_s, stream.stride_s)
+    progress = ProgressBar(total, out)
+    windows = windows_from(ring, windower)
+    source.start()
+    try:
+        async for window in windows:
+            request = ScoreRequest(window, prompt, describe_below=stream.min_significance)
+            score = await runner.score(request)
+            span = _span(window, score.significance, score.description, info.duration_s)
+            analysis.spans.append(span)
+            logger.debug(
+                "window %s: %s %s",
+                format_span(span.start_s, span.end_s),
+                span.significance,
+                printable(span.description),
+            )
+            progress.advance()
+    finally:
+        progress.close()
+        source.stop()
+        if isinstance(windows, AsyncGenerator):
+            await windows.aclose()
+        # Off the loop: a read may block for up to read_timeout_s before the thread notices.
+        join_timeout = stream.read_timeout_s + JOIN_SLACK_S
+        if not await asyncio.to_thread(source.join, join_timeout):
+            logger.warning("%s: decode thread still running after %.0fs", stream.name, join_timeout)
 
 
 def _span(

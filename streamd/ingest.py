@@ -1,4 +1,15 @@
-"""PyAV video sources: one decode thread per stream, for files, RTSP, HTTP/HLS and webcams."""
+"""PyAV video sources: one decode thread per stream, for files, RTSP, HTTP/HLS and webcams.
+
+Recorded media over HTTP (an MP4, an HLS VOD playlist with ``#EXT-X-ENDLIST``) is not a camera,
+though its URL looks like one. The pipeline builds its hand-off from ``StreamConfig.is_live``
+before anything is opened, so the source itself decides once it has opened an http(s) URL for
+the first time: a container with a duration is finite (FFmpeg's hls demuxer sets a duration
+only when the playlist has ENDLIST). With ``live: auto`` a finite source is read at 1x, so
+frame wall times are right on the live path the pipeline built, and it ends at its end (state
+ENDED, no reconnect loop). With ``live: true`` a finite source is read at 1x and played in a
+loop, like a file with ``live: true``. Everything else over HTTP (a live HLS playlist, an
+MJPEG camera) stays a camera that reconnects.
+"""
 
 from __future__ import annotations
 
@@ -35,6 +46,8 @@ FRAME_TIMEOUT_FACTOR = 2.0
 METRIC_FLUSH_FRAMES = 256
 RTSP_ANALYZE_S = 0.5
 """Probe an RTSP stream this long on open (FFmpeg's default, 5 s, makes every (re)connect ~3 s)."""
+RECORDED_SCHEMES = ("http://", "https://")
+"""Network URLs that may hold recorded media (decided when opened, see the module docstring)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +125,8 @@ class PyAVSource:
         self._last_pts: float | None = None
         self._frame_period_s = 0.0
         self._connected_once = False
+        # http(s) with live auto or true: whether it is recorded media is known once opened.
+        self._probe_finite = self.live and config.url.startswith(RECORDED_SCHEMES)
 
     # --- control (event loop) --------------------------------------------------------------
 
@@ -180,6 +195,8 @@ class PyAVSource:
         try:
             with container:
                 stream = _video_stream(container)
+                if self._probe_finite:
+                    self._adapt_to(container)
                 if self._connected_once and not looping:
                     self._metrics.reconnects.inc()
                 self._connected_once = True
@@ -189,6 +206,26 @@ class PyAVSource:
                 return delivered, "end of stream", False
         except SourceError as exc:
             return self._index > first_index, str(exc), True
+
+    def _adapt_to(self, container: av.container.InputContainer) -> None:
+        """First open of an http(s) source: recorded media is paced at 1x and ends (or loops)."""
+        self._probe_finite = False
+        if container.duration is None:
+            return  # no end known: a live feed
+        duration_s = container.duration / av.time_base
+        self._pace = True
+        if self.config.live == "auto":
+            self.live = False
+            ending = "ends at its end"
+        else:
+            self._loops = True
+            ending = "plays in a loop (live: true)"
+        logger.info(
+            "stream %s: recorded media (%.1fs), not a camera: read at 1x, %s",
+            self.name,
+            duration_s,
+            ending,
+        )
 
     def _open(self) -> av.container.InputContainer:
         cfg = self.config

@@ -135,8 +135,9 @@ class StreamMetrics:
 class MetricsServer:
     """``/metrics`` and ``/healthz`` on a thread of their own.
 
-    It keeps answering while the event loop is busy. ``health`` is called on the server thread;
-    it must only read state (it gets a tuple the daemon refreshes every tick).
+    It keeps answering while the event loop is busy. ``health`` is called on the server thread
+    for every ``/healthz``, so the answer is current; it must only read state, never change it
+    (``Daemon.health`` reads attributes the loop replaces whole).
     """
 
     def __init__(self, address: tuple[str, int], registry: CollectorRegistry, health: HealthCheck):

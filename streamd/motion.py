@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from streamd.domain import Frame, Image
+from streamd.timefmt import format_clock
 
 GRID = 64
 """Pictures are compared on a GRID x GRID grayscale thumbnail."""
@@ -90,11 +91,3 @@ def describe(report: MotionReport, frames: Sequence[Frame]) -> str:
         f"Motion in {report.peak:.0%} of the picture at {at}"
         f" ({moving} of {len(report.changed)} frame steps moving)."
     )
-
-
-def format_clock(seconds: float) -> str:
-    """``M:SS``, or ``H:MM:SS`` past an hour."""
-    total = max(0, int(seconds))
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import time
@@ -76,11 +77,9 @@ class StreamPipeline:
         self._describe_below = None if config.describe_below_min else config.min_significance
         self._aggregator = EventAggregator(config.name, config.min_significance, config.cooldown_s)
         self._mailbox: Mailbox[_Pending] = Mailbox(replace=self.live, on_replace=self._replaced)
-        self._stopping = False
-        self._snapshot_window: Window | None = None
         self.source: PyAVSource | None = None
-        self.state = SourceState.STARTING
-        self.last_error: str | None = None
+        # (state, last error) in one attribute: /healthz reads it from another thread.
+        self._status: tuple[SourceState, str | None] = (SourceState.STARTING, None)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -90,7 +89,9 @@ class StreamPipeline:
         ring = frame_ring(self.config, loop, self._stream_metrics)
 
         def on_state(state: SourceState, detail: str) -> None:  # called on the decode thread
-            loop.call_soon_threadsafe(self._on_state, state, detail)
+            # RuntimeError: the loop is closed (a thread left running at exit): nobody listens.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._on_state, state, detail)
 
         self.source = PyAVSource(
             self.config,
@@ -110,7 +111,6 @@ class StreamPipeline:
 
     def stop(self) -> None:
         """Graceful stop: no new frames or windows; the window being analysed may finish."""
-        self._stopping = True
         if self.source is not None:
             self.source.stop()
         if self._mailbox.take_pending() is not None:
@@ -118,21 +118,38 @@ class StreamPipeline:
         self._mailbox.close()
 
     @property
+    def state(self) -> SourceState:
+        """The source's state, as last reported by its decode thread."""
+        return self._status[0]
+
+    @property
+    def last_error(self) -> str | None:
+        """Why the source last failed, until it connects again."""
+        return self._status[1]
+
+    @property
     def healthy(self) -> bool:
-        """Source delivering (or a file that ended without error)."""
-        if self.state is SourceState.CONNECTED:
+        """Source delivering (or a file that ended without error).
+
+        Safe from any thread (the metrics server's): one read of an immutable pair.
+        """
+        state, error = self._status
+        if state is SourceState.CONNECTED:
             return True
-        return self.state in (SourceState.ENDED, SourceState.STOPPED) and self.last_error is None
+        return state in (SourceState.ENDED, SourceState.STOPPED) and error is None
 
     def _on_state(self, state: SourceState, detail: str) -> None:
-        self.state = state
+        error = self.last_error
         if state is SourceState.CONNECTED:
-            self.last_error = None
+            error = None
+        elif state is SourceState.RECONNECTING or (
+            state is SourceState.ENDED and detail != "end of stream"
+        ):
+            error = detail
+        self._status = (state, error)
+        if state is SourceState.CONNECTED:
             self._sink.stream_status(self.name, online=True)
         elif state in (SourceState.RECONNECTING, SourceState.ENDED, SourceState.STOPPED):
-            failed = state is SourceState.RECONNECTING or detail != "end of stream"
-            if failed and state is not SourceState.STOPPED:
-                self.last_error = detail
             self._sink.stream_status(self.name, online=False)
 
     # --- windows -------------------------------------------------------------------------------

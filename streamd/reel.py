@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Iterator, Sequence
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import av.container
@@ -30,6 +32,35 @@ def plan_segments(spans: Sequence[tuple[float, float]]) -> list[tuple[float, flo
         else:
             merged.append((start, end))
     return merged
+
+
+def check_reel_path(out_path: str) -> str | None:
+    """What stops a reel being written to ``out_path``, in one line; None if nothing does.
+
+    Opens a scratch file with the same suffix next to it: that proves the directory writable
+    and that FFmpeg has a muxer for the suffix (``.mp4``, ``.mkv``, ``.mov``...), which must
+    hold one of ``CODECS``. Nothing is left behind.
+    """
+    path = Path(out_path)
+    suffix = path.suffix
+    if not suffix:
+        return f"{out_path}: no file extension to choose the container by (use .mp4)"
+    try:
+        with (
+            tempfile.NamedTemporaryFile(dir=path.parent, prefix=".streamd-", suffix=suffix) as f,
+            av.open(f.name, mode="w") as probe,
+        ):
+            codecs = probe.supported_codecs
+    except ValueError:
+        return f"{out_path}: FFmpeg has no container for {suffix!r} files (use .mp4, .mkv or .mov)"
+    except (OSError, av.error.FFmpegError) as exc:
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        return f"{out_path}: cannot write there ({reason})"
+    if not codecs.intersection(CODECS):
+        return (
+            f"{out_path}: a {suffix!r} file cannot hold the reel's video (use .mp4, .mkv or .mov)"
+        )
+    return None
 
 
 def write_reel(source: str, spans: Sequence[tuple[float, float]], out_path: str) -> float:

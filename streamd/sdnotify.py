@@ -59,7 +59,3 @@ class SystemdNotifier:
     def stopping(self) -> bool:
         """Tell systemd a clean stop has begun."""
         return self.notify("STOPPING=1")
-
-    def status(self, text: str) -> bool:
-        """Free-form status shown by ``systemctl status``."""
-        return self.notify(f"STATUS={text}")

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import yaml
@@ -41,6 +42,7 @@ class DaemonProcess:
             argv = [sys.executable, "-m", "tests.run_daemon", str(config), "--delay", str(delay_s)]
         environ = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
         self.notifications: list[str] = []
+        self.notified_at: list[float] = []  # time.monotonic() each notification arrived
         self._sock: socket.socket | None = None
         if notify:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -51,6 +53,7 @@ class DaemonProcess:
             if watchdog_usec:
                 environ["WATCHDOG_USEC"] = str(watchdog_usec)
         self.lines: list[str] = []
+        self.line_at: list[float] = []  # time.monotonic() each line arrived
         self.proc = subprocess.Popen(
             argv,
             cwd=REPO,
@@ -69,6 +72,7 @@ class DaemonProcess:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
+            self.line_at.append(time.monotonic())
             self.lines.append(line.rstrip("\n"))
 
     def _listen(self) -> None:
@@ -80,6 +84,7 @@ class DaemonProcess:
                 if self.proc.poll() is not None:
                     return
                 continue
+            self.notified_at.append(time.monotonic())
             self.notifications.append(data.decode())
 
     @property
@@ -97,6 +102,14 @@ class DaemonProcess:
             if regex.search(line):
                 return line
         raise AssertionError(f"no line matching {pattern!r}; output:\n{self.output[-3000:]}")
+
+    def line_time(self, pattern: str) -> float:
+        """When the first line matching ``pattern`` arrived (time.monotonic())."""
+        regex = re.compile(pattern)
+        for at, line in zip(self.line_at, self.lines, strict=False):
+            if regex.search(line):
+                return at
+        raise AssertionError(f"no line matching {pattern!r}")
 
     def count(self, pattern: str) -> int:
         regex = re.compile(pattern)

@@ -101,12 +101,15 @@ class Gate:
     """A TCP forwarder in front of a broker: what the publisher sees as "the broker's port".
 
     The test decides when it listens, so a subscriber can be subscribed on a (re)started broker
-    before the publisher can reach it (a fresh mosquitto keeps no sessions).
+    before the publisher can reach it (a fresh mosquitto keeps no sessions). With ``delay_s``,
+    each link reaches the broker only that long after the client connected: a slow broker,
+    whose CONNACK comes late.
     """
 
-    def __init__(self, upstream: Mosquitto) -> None:
+    def __init__(self, upstream: Mosquitto, delay_s: float = 0.0) -> None:
         self.port = free_port()
         self._upstream = upstream
+        self._delay_s = delay_s
         self._server: asyncio.Server | None = None
         self._links: set[asyncio.Future[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -132,6 +135,7 @@ class Gate:
         self._links.add(done)
         self._writers.add(writer)
         try:
+            await asyncio.sleep(self._delay_s)  # what the client waits for is its CONNACK
             host, port = self._upstream.host, self._upstream.port
             up_reader, up_writer = await asyncio.open_connection(host, port)
             self._writers.add(up_writer)

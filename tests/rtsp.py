@@ -52,10 +52,6 @@ def rtsp_unavailable_reason() -> str | None:
     return None
 
 
-def rtsp_available() -> bool:
-    return rtsp_unavailable_reason() is None
-
-
 class RtspServer:
     """An RTSP camera at rtsp://127.0.0.1:PORT/live serving a file or a live test pattern.
 

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from streamd.cli import main
+from streamd.cli import _analyze_knobs, main
+from tests.media import ClipSet
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,9 +58,9 @@ def test_check_config_invalid_one_line_per_problem(tmp_path: Path) -> None:
     assert proc.returncode == 78
     assert proc.stdout == ""
     assert proc.stderr.splitlines() == [
-        "extra: unknown key",
         "streams[0].url: field required",
         "streams[1].fps: unknown key",
+        "extra: unknown key",
     ]
 
 
@@ -75,3 +78,89 @@ def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert caught.value.code == 2
     assert main([]) == 2
     capsys.readouterr()
+
+
+def closed_pipe_run(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run streamd with stdout a pipe whose reader has already gone (`... | head -0`)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "streamd", *args],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+
+
+def test_version_into_a_closed_pipe_is_quiet() -> None:
+    proc = closed_pipe_run("version")
+    assert proc.stderr == ""
+    assert proc.returncode == 1
+
+
+def test_version_piped_to_head() -> None:
+    with (
+        subprocess.Popen(
+            [sys.executable, "-m", "streamd", "version"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as version,
+        subprocess.Popen(
+            ["head", "-1"], stdin=version.stdout, stdout=subprocess.PIPE, text=True
+        ) as head,
+    ):
+        assert version.stdout is not None
+        version.stdout.close()  # head alone reads it, as in a shell pipeline
+        first, _ = head.communicate(timeout=60)
+        _, errors = version.communicate(timeout=60)
+    assert first.startswith("streamd ")
+    assert errors == ""
+
+
+def test_analyze_into_a_closed_pipe_still_writes_json(clips: ClipSet, tmp_path: Path) -> None:
+    out = tmp_path / "h.json"
+    proc = closed_pipe_run(
+        "analyze", str(clips.activity.path), "--backend", "motion", "--json", str(out)
+    )
+    assert "Traceback" not in proc.stderr
+    assert "BrokenPipe" not in proc.stderr
+    assert proc.returncode == 1
+    assert json.loads(out.read_text())["complete"] is True
+
+
+def test_check_config_hides_awkward_passwords(tmp_path: Path) -> None:
+    config = tmp_path / "streamd.yaml"
+    url = "rtsp://admin:p@ss/w0rd s3cret@cam.local:554/stream1?token=abc123"
+    config.write_text(
+        f"mqtt: {{enabled: false}}\nstreams:\n  - {{name: door, url: {json.dumps(url)}}}\n"
+    )
+    proc = streamd("check-config", str(config))
+    assert proc.returncode == 0, proc.stderr
+    assert "rtsp://admin:***@cam.local:554/stream1?token=***" in proc.stdout
+    for secret in ("p@ss", "w0rd", "s3cret", "abc123"):
+        assert secret not in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("message", "shown"),
+    [
+        (
+            "/m is a file, not a model directory: set model.id to a",
+            "/m is a file, not a model directory: set --model to a",
+        ),
+        ("check model.id and model.device", "check --model and --device"),
+        (
+            "window_s (40) x sample_fps (10) = 400 frames",
+            "--window-s (40) x --sample-fps (10) = 400 frames",
+        ),
+        ("the prompt is too long for this model", "the prompt is too long for this model"),
+    ],
+)
+def test_analyze_names_its_own_flags(message: str, shown: str) -> None:
+    assert _analyze_knobs(message) == shown

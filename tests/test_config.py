@@ -11,6 +11,7 @@ from streamd.config import (
     DTYPES,
     PROFILES,
     Config,
+    OpenAIModelConfig,
     StreamConfig,
     is_file_url,
     load_config,
@@ -113,7 +114,10 @@ def test_env_substitution() -> None:
         ({"defaults": {"window_s": 1, "stride_s": 2}, **MINIMAL}, "defaults: stride_s (2)"),
         ({"model": {"device": "gpu"}, **MINIMAL}, "model.device: must be auto, cpu, mps, cuda"),
         ({"model": {"dtype": "int4"}, **MINIMAL}, "model.dtype: input should be 'auto'"),
-        ({"model": {"backend": "onnx"}, **MINIMAL}, "model.backend: input should be 'auto'"),
+        (
+            {"model": {"backend": "onnx"}, **MINIMAL},
+            "model.backend: must be one of auto, transformers, mlx, motion, openai, not 'onnx'",
+        ),
         ({"model": {"max_new_tokens": 0}, **MINIMAL}, "model.max_new_tokens: input should be"),
         ({"mqtt": {"port": 99999}, **MINIMAL}, "mqtt.port: input should be less than or equal"),
         ({"mqtt": {"password": "x"}, **MINIMAL}, "mqtt: a password needs a username"),
@@ -224,6 +228,39 @@ def test_live_explicit_on_a_file_loops_it() -> None:
         0
     ]
     assert stream.is_live
+
+
+def test_model_section_is_chosen_by_backend() -> None:
+    config = parse_config(
+        {"model": {"backend": "openai", "base_url": "http://gpu:8000/v1"}, **MINIMAL}, {}
+    )
+    assert isinstance(config.model, OpenAIModelConfig)
+    assert config.model.max_in_flight == 8
+    assert parse_config(MINIMAL, {}).model.backend == "auto"
+    # Each backend's own keys: device is not a remote server's, base_url not a local model's.
+    assert problems_of({"model": {"backend": "openai", "device": "cpu"}, **MINIMAL}) == [
+        "model.device: unknown key"
+    ]
+    assert problems_of({"model": {"backend": "motion", "base_url": "http://x/v1"}, **MINIMAL}) == [
+        "model.base_url: unknown key"
+    ]
+    assert problems_of({"model": {"backend": "openai", "base_url": "ftp://x"}, **MINIMAL}) == [
+        "model.base_url: must be an http:// or https:// URL, not 'ftp://x'"
+    ]
+
+
+def test_check_config_never_shows_the_api_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = write_config(
+        tmp_path,
+        "model: {backend: openai, base_url: 'http://gpu:8000/v1', api_key: sk-SECRET123}\n"
+        "streams: [{name: a, url: rtsp://h/a}]\n",
+    )
+    assert cli.main(["check-config", str(cfg)]) == ExitCode.OK
+    out = capsys.readouterr().out
+    assert "backend openai at http://gpu:8000/v1" in out
+    assert "SECRET123" not in out
 
 
 def test_every_section_reported_at_once() -> None:

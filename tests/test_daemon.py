@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from streamd.errors import ExitCode
 from tests.broker import free_port
 from tests.daemon_proc import DaemonProcess, write_config
 from tests.media import ClipSet
@@ -86,8 +87,39 @@ def test_second_signal_forces_exit(clips: ClipSet, tmp_path: Path) -> None:
         daemon.signal(signal.SIGINT)
         daemon.wait_for_line(r"received SIGINT: stopping")
         daemon.signal(signal.SIGINT)
-        assert daemon.wait(10) in (0, 1)
+        # A forced stop is still a stop that was asked for: 0, never "1 or 0".
+        assert daemon.wait(10) == ExitCode.OK
         assert daemon.count("second signal: exiting now") == 1
+        assert "Traceback" not in daemon.output
+
+
+@pytest.mark.slow
+def test_model_stall_turns_health_red_starves_the_watchdog_and_exits_1(
+    clips: ClipSet, tmp_path: Path
+) -> None:
+    # The model takes 30 s for a window; model.timeout_s is 2: it stalls, then outlasts it.
+    port = free_port()
+    config = config_for(str(clips.motion.path), port, live=True)
+    config["model"] = {"backend": "motion", "timeout_s": 2}
+    cfg = write_config(tmp_path / "c.yaml", config)
+    healthz = f"http://127.0.0.1:{port}/healthz"
+    with DaemonProcess(cfg, delay_s=30, notify=True, watchdog_usec=1_000_000) as daemon:
+        eventually_sync(lambda: get(healthz) == (200, "ok\n"), 15, "healthy")
+        eventually_sync(lambda: get(healthz) == (503, "model stalled\n"), 15, "health red")
+        assert daemon.wait(15) == ExitCode.FAILURE
+        stalled_at = daemon.line_time(r"model stalled: no answer within 2s")
+        assert daemon.count(r"model stalled for \d+s: exiting") == 1
+        exit_at = daemon.line_time(r"model stalled for")
+        assert exit_at - stalled_at >= 2 * 0.9  # it waited out timeout_s once stalled
+    pings = [
+        at
+        for at, note in zip(daemon.notified_at, daemon.notifications, strict=True)
+        if note == "WATCHDOG=1"
+    ]
+    assert pings, daemon.notifications
+    assert min(pings) < stalled_at  # it was fed while healthy...
+    late = [at - stalled_at for at in pings if at > stalled_at + 0.3]
+    assert late == []  # ...and never again once stalled: systemd would restart it
 
 
 def test_port_taken_exits_3(clips: ClipSet, tmp_path: Path) -> None:

@@ -109,6 +109,8 @@ async def test_events_over_mqtt_follow_the_spec(
         daemon = DaemonProcess(cfg)
         daemons.append(daemon)
         assert await asyncio.to_thread(daemon.wait, 30) == 0  # the file ended: clean stop
+        # The goodbye is the daemon's last message: everything before it has arrived too.
+        await sub.until(lambda: _last(sub, f"{unique_topic}/available") == b"offline")
         events = payloads(sub, f"{unique_topic}/cam/events")
         late = await retained(mosquitto, f"{unique_topic}/#")
     # Events: the spec's schema, one event, new ... end, seq gap-free from 1.
@@ -130,9 +132,10 @@ async def test_events_over_mqtt_follow_the_spec(
     assert events[0]["start_pts_s"] == 5.0  # the first window that sees the bars (6-10 s)
     # The bars span 6-10 s; with 2 s windows every 1 s the event covers 5-11 s.
     assert events[-1]["end_pts_s"] == 11.0
-    # Per-window analysis, QoS 0.
+    # Per-window analysis, QoS 0: 16 s at 1 fps, 2 s windows every 1 s. Every one of them,
+    # those scored before the first CONNACK too: held while the first connection is made.
     analysis = payloads(sub, f"{unique_topic}/cam/analysis")
-    assert len(analysis) == 15  # 16 s at 1 fps, 2 s windows every 1 s
+    assert [a["seq"] for a in analysis] == list(range(1, 16)), daemon.output
     assert all(set(a) == ANALYSIS_KEYS for a in analysis)
     # Retained state a late subscriber gets.
     assert late[f"{unique_topic}/available"] == b"offline"
@@ -151,6 +154,39 @@ async def test_events_over_mqtt_follow_the_spec(
     # One log line when the event opens and one when it closes (updates are DEBUG).
     assert daemon.count(r"event (new|end) cam") == 2
     assert daemon.count(r"event update cam") == 0
+
+
+async def test_first_windows_analysed_while_connecting_still_arrive(
+    mosquitto: Mosquitto,
+    clips: ClipSet,
+    unique_topic: str,
+    tmp_path: Path,
+    daemons: list[DaemonProcess],
+) -> None:
+    slow = Gate(mosquitto, delay_s=2.0)  # the first CONNACK comes 2 s late
+    await slow.open()
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        config(str(clips.activity.path), unique_topic, slow.port, mqtt={"ha_discovery": False}),
+    )
+    analysis_topic = f"{unique_topic}/cam/analysis"
+    try:
+        async with (
+            asyncio.timeout(TEST_TIMEOUT_S),
+            Subscriber(mosquitto, f"{unique_topic}/#") as sub,
+        ):
+            daemon = DaemonProcess(cfg)
+            daemons.append(daemon)
+            assert await asyncio.to_thread(daemon.wait, 30) == 0
+            await sub.until(lambda: _last(sub, f"{unique_topic}/available") == b"offline")
+    finally:
+        await slow.aclose()
+    lines = daemon.lines
+    connected = next(i for i, line in enumerate(lines) if "mqtt: connected" in line)
+    analysed = [i for i, line in enumerate(lines) if re.search(r"window #\d+ .*significance", line)]
+    assert analysed[0] < connected, daemon.output  # the case this test is about
+    assert [a["seq"] for a in payloads(sub, analysis_topic)] == list(range(1, 16)), daemon.output
+    assert next(e["seq"] for e in payloads(sub, f"{unique_topic}/cam/events")) == 1
 
 
 async def test_broker_outage_loses_no_event(
@@ -209,6 +245,11 @@ async def test_broker_outage_loses_no_event(
     lost = [pair for pair in logged_ids if pair not in received]
     assert lost == [], f"lost {lost} of {len(logged_ids)}"
     assert len(logged_ids) >= logged_at_kill + 3
+
+
+def _last(sub: Subscriber, topic: str) -> bytes | None:
+    messages = sub.on(topic)
+    return bytes(messages[-1].payload) if messages else None
 
 
 def _ids(messages: list[aiomqtt.Message]) -> set[str]:
@@ -285,14 +326,21 @@ async def test_sigterm_mid_event_sends_end_and_offline(
         await sub.until(
             lambda: bytes(sub.on(f"{unique_topic}/available")[-1].payload) == b"offline"
         )
+        late = await retained(mosquitto, f"{unique_topic}/#")
     events = payloads(sub, events_topic)
     assert events[0]["type"] == "new"
     assert events[-1]["type"] == "end"
     assert events[-1]["id"] == events[0]["id"]
-    # The end event arrived before the goodbye.
+    # The end event, then the stream's offline status, arrived before the goodbye.
     order = [m.topic.value for m in sub.messages]
+    available = f"{unique_topic}/available"
     last_end = max(i for i, m in enumerate(sub.messages) if m.topic.value == events_topic)
-    assert order.index(f"{unique_topic}/available", last_end) > last_end
+    assert order.index(available, last_end) > last_end
+    status = f"{unique_topic}/cam/status"
+    last_status = max(i for i, topic in enumerate(order) if topic == status)
+    assert bytes(sub.messages[last_status].payload) == b"offline"
+    assert order.index(available, last_status) > last_status
+    assert late[status] == b"offline"
 
 
 async def test_slow_model_drops_windows_keeps_lag_and_memory_bounded(

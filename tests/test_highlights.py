@@ -1,23 +1,39 @@
 from __future__ import annotations
 
+import asyncio
+import io
 import json
+import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import threading
+from fractions import Fraction
 from pathlib import Path
 
 import av
 import pytest
 
+from streamd.config import ModelConfig, StreamConfig
 from streamd.highlights import (
+    Analysis,
+    AnalyzeOptions,
     Highlight,
     ProgressBar,
     ScoredSpan,
+    ended_early,
     expected_windows,
     format_span,
     merge_highlights,
+    probe,
 )
+from streamd.highlights import analyze as analyze_file
 from streamd.reel import plan_segments
-from tests.media import ClipSet
+from streamd.timefmt import format_clock
+from tests.media import ClipInfo, ClipSet, Segment, render_frames, rgb_to_yuv420p, write_clip
+from tests.waiting import eventually
 
 
 def spans(*items: tuple[float, float, int | None]) -> list[ScoredSpan]:
@@ -120,7 +136,19 @@ def test_analyze_motion_end_to_end(clips: ClipSet, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result == json.loads(out_json.read_text())
-    assert set(result) == {"video", "duration_s", "model", "profile", "windows", "highlights"}
+    assert set(result) == {
+        "video",
+        "duration_s",
+        "model",
+        "profile",
+        "windows",
+        "complete",
+        "analyzed_s",
+        "highlights",
+    }
+    assert result["complete"] is True
+    assert result["analyzed_s"] == [0.0, pytest.approx(60, abs=0.2)]
+    assert "truncated" not in proc.stderr
     assert result["model"] == "motion"
     assert result["profile"] == "highlights"
     assert result["windows"] == 11
@@ -162,10 +190,19 @@ def test_analyze_tail_window_stays_inside_the_video(clips: ClipSet) -> None:
     [
         (["/nope/match.mp4"], "/nope/match.mp4: no such file"),
         (["{notvideo}"], "not a readable video"),
-        (["{clip}", "--overlap-s", "30"], "--overlap-s must be >= 0 and below --window-s"),
-        (["{clip}", "--min-significance", "11"], "--min-significance must be 1-10"),
-        (["{clip}", "--sample-fps", "0"], "--sample-fps must be > 0"),
-        (["{clip}", "--device", "gpu"], "must be auto, cpu, mps, cuda or cuda:N"),
+        (["{clip}", "--overlap-s", "30"], "--overlap-s: must be >= 0 and below --window-s (30)"),
+        (["{clip}", "--overlap-s", "-1"], "--overlap-s: must be >= 0 and below --window-s (30)"),
+        (["{clip}", "--min-significance", "11"], "--min-significance: input should be less"),
+        (["{clip}", "--sample-fps", "0"], "--sample-fps: input should be greater than 0"),
+        (["{clip}", "--sample-fps", "500"], "--sample-fps: input should be less than or equal"),
+        (["{clip}", "--window-s", "5000"], "--window-s: input should be less than or equal"),
+        (["{clip}", "--window-s", "inf"], "--window-s: input should be a finite number"),
+        (["{clip}", "--window-s", "nan"], "--window-s: input should be a finite number"),
+        (["{clip}", "--sample-fps=-inf"], "--sample-fps: input should be a finite number"),
+        (["{clip}", "--window-s", "3600"], "--window-s (3600) x --sample-fps (1) = 3600 frames"),
+        (["{clip}", "--max-highlights", "0"], "--max-highlights: must be >= 1"),
+        (["{clip}", "--max-new-tokens", "0"], "--max-new-tokens: input should be greater"),
+        (["{clip}", "--device", "gpu"], "--device: must be auto, cpu, mps, cuda or cuda:N"),
     ],
 )
 def test_analyze_bad_input_exits_2_with_one_line(
@@ -178,8 +215,20 @@ def test_analyze_bad_input_exits_2_with_one_line(
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("streamd analyze: ")
     assert message in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_analyze_reports_every_bad_argument(clips: ClipSet) -> None:
+    proc = analyze(
+        str(clips.static.path), "--backend", "motion", "--window-s", "inf", "--sample-fps", "500"
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "streamd analyze: --sample-fps: input should be less than or equal to 120",
+        "streamd analyze: --window-s: input should be a finite number",
+    ]
 
 
 def test_analyze_unopenable_truncated_mp4_exits_2(clips: ClipSet) -> None:
@@ -216,3 +265,244 @@ def test_analyze_model_failure_exits_3(clips: ClipSet, tmp_path: Path) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert "no-such-model" in lines[0]
+    assert "set --model to" in lines[0]  # analyze's knob, not the config file's model.id
+    assert "model.id" not in lines[0]
+
+
+def test_analyze_model_that_is_a_file_says_so(clips: ClipSet, tmp_path: Path) -> None:
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\0" * 64)
+    proc = analyze(str(clips.static.path), "--backend", "transformers", "--model", str(weights))
+    assert proc.returncode == 3, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert f"{weights} is a file, not a model directory: set --model to" in line
+    assert "does not exist" not in line
+
+
+# --- output paths: checked before the analysis, never the input ---------------------------------
+
+
+@pytest.fixture
+def video(clips: ClipSet, tmp_path: Path) -> Path:
+    """A private copy of a clip: a test that overwrote it would not spoil the session's."""
+    copy = tmp_path / "match.mp4"
+    shutil.copyfile(clips.activity.path, copy)
+    return copy
+
+
+@pytest.mark.parametrize("flag", ["--clip-out", "--json"])
+@pytest.mark.parametrize("alias", ["same", "relative", "symlink", "hardlink"])
+def test_output_that_is_the_input_is_refused(
+    video: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flag: str, alias: str
+) -> None:
+    before = video.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    if alias == "same":
+        out = str(video)
+    elif alias == "relative":
+        out = "./sub/../match.mp4"
+        (tmp_path / "sub").mkdir()
+    elif alias == "symlink":
+        out = str(tmp_path / "link.mp4")
+        os.symlink(video, out)
+    else:
+        out = str(tmp_path / "hard.mp4")
+        os.link(video, out)
+    proc = analyze(str(video), "--backend", "motion", flag, out)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"streamd analyze: {flag}: {out}: is the input video; refusing to overwrite it"
+    ]
+    assert proc.stdout == ""
+    assert video.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("flag", "out", "message"),
+    [
+        ("--clip-out", "{tmp}", "--clip-out: {tmp}: is a directory"),
+        ("--json", "{tmp}", "--json: {tmp}: is a directory"),
+        ("--clip-out", "{tmp}/reel.xyz", "FFmpeg has no container for '.xyz' files"),
+        ("--clip-out", "{tmp}/reel.ts", "a '.ts' file cannot hold the reel's video"),
+        ("--clip-out", "{tmp}/reel", "no file extension"),
+        ("--clip-out", "{tmp}/nope/reel.mp4", "directory {tmp}/nope does not exist"),
+        ("--json", "{tmp}/nope/h.json", "--json: {tmp}/nope/h.json: directory {tmp}/nope does not"),
+    ],
+)
+def test_bad_output_path_is_refused_before_the_analysis(
+    video: Path, tmp_path: Path, flag: str, out: str, message: str
+) -> None:
+    out, message = out.format(tmp=tmp_path), message.format(tmp=tmp_path)
+    proc = analyze(str(video), "--backend", "motion", flag, out)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.splitlines()  # one line, and no progress: nothing was analysed
+    assert line.startswith(f"streamd analyze: {flag}: {out}: ")
+    assert message in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["match.mp4"]  # no scratch file left
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_unwritable_output_directory_is_refused(video: Path, tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    proc = analyze(str(video), "--backend", "motion", "--json", str(locked / "h.json"))
+    assert proc.returncode == 2
+    assert f"directory {locked} is not writable" in proc.stderr
+
+
+def test_json_and_clip_out_must_differ(video: Path, tmp_path: Path) -> None:
+    out = str(tmp_path / "out.mp4")
+    proc = analyze(str(video), "--backend", "motion", "--json", out, "--clip-out", out)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"streamd analyze: --clip-out: {out}: is the --json file too"
+    ]
+
+
+@pytest.mark.parametrize("ext", [".mp4", ".mkv", ".mov"])
+def test_reel_containers(video: Path, tmp_path: Path, ext: str) -> None:
+    reel = tmp_path / f"reel{ext}"
+    proc = analyze(
+        str(video),
+        "--backend",
+        "motion",
+        "--window-s",
+        "4",
+        "--overlap-s",
+        "1",
+        "--clip-out",
+        str(reel),
+    )
+    assert proc.returncode == 0, proc.stderr
+    with av.open(str(reel)) as container:
+        assert sum(1 for _ in container.decode(video=0)) > 0
+
+
+def test_json_dash_is_stdout_once(video: Path) -> None:
+    proc = analyze(
+        str(video), "--backend", "motion", "--window-s", "4", "--overlap-s", "1", "--json", "-"
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)  # two documents would not parse
+    assert result["complete"] is True
+    assert not Path("-").exists()
+
+
+# --- interrupted runs -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def long_video(tmp_path_factory: pytest.TempPathFactory) -> ClipInfo:
+    """120 s of moving bars: a few seconds of analysis at 10 frames per second."""
+    path = tmp_path_factory.mktemp("long") / "long.mp4"
+    return write_clip(path, [Segment(60, "bars"), Segment(60, "black")])
+
+
+PROGRESS_RE = re.compile(r"^(\d+)/(\d+) windows")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_analyze_keeps_what_was_scored(
+    long_video: ClipInfo, tmp_path: Path, signum: int
+) -> None:
+    out_json = tmp_path / "partial.json"
+    cmd = [sys.executable, "-m", "streamd", "analyze", str(long_video.path), "--backend", "motion"]
+    cmd += ["--window-s", "2", "--overlap-s", "0", "--sample-fps", "10", "--min-significance", "1"]
+    cmd += ["--json", str(out_json), "--clip-out", str(tmp_path / "reel.mp4")]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:  # the first progress line: a window is done
+            seen.append(line)
+            if PROGRESS_RE.match(line):
+                break
+        proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=60)
+    stderr = "".join(seen) + stderr
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "CancelledError" not in stderr
+    assert "KeyboardInterrupt" not in stderr
+    assert "interrupted" in stderr.splitlines()[-1]
+    result = json.loads(out_json.read_text())
+    assert json.loads(stdout) == result
+    assert result["complete"] is False
+    assert 1 <= result["windows"] < 60
+    assert result["highlights"]
+    assert result["analyzed_s"][1] == pytest.approx(2.0 * result["windows"])
+    assert not (tmp_path / "reel.mp4").exists()  # no reel of a partial run
+
+
+async def test_cancelled_analysis_stops_its_thread_and_task(long_video: ClipInfo) -> None:
+    video = str(long_video.path)
+    stream = StreamConfig(
+        name="analyze", url=video, live=False, sample_fps=10, window_s=2, stride_s=2
+    )
+    options = AnalyzeOptions(video, ModelConfig(backend="motion"), stream)
+    analysis = Analysis(model_id="motion")
+    task = asyncio.create_task(analyze_file(options, probe(video), analysis, io.StringIO()))
+    await eventually(lambda: analysis.spans, within_s=30, what="a scored window")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(30):
+            await task
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("streamd[analyze]")]
+    assert asyncio.all_tasks() == {asyncio.current_task()}  # the model task was awaited
+    assert analysis.spans
+    assert analysis.complete is False
+
+
+# --- a file that ends early ---------------------------------------------------------------------
+
+
+def test_truncated_file_with_index_in_front_says_where_it_ended(tmp_path: Path) -> None:
+    # moov first (faststart): the cut file opens and states the full 120 s.
+    whole = tmp_path / "whole.mp4"
+    with av.open(str(whole), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i, rgb in enumerate(render_frames([Segment(120, "bars")], 64, 48, 10)):
+            frame = av.VideoFrame.from_ndarray(rgb_to_yuv420p(rgb), format="yuv420p")
+            frame.pts, frame.time_base = i, Fraction(1, 10)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    data = whole.read_bytes()
+    assert data.find(b"moov") < data.find(b"mdat")
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 5])
+    proc = analyze(str(cut), "--backend", "motion", "--window-s", "24", "--overlap-s", "0")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["duration_s"] == pytest.approx(120)
+    assert result["complete"] is True
+    start, end = result["analyzed_s"]
+    assert start == 0.0
+    assert 5 < end < 60
+    warnings = [line for line in proc.stderr.splitlines() if "truncated?" in line]
+    assert len(warnings) == 1, proc.stderr
+    assert f"video ended at {format_clock(end)} of 2:00 (truncated?)" in warnings[0]
+
+
+def test_ended_early_allows_the_last_sample_period() -> None:
+    whole = Analysis("m", spans((0, 30, 1), (25, 59.5, 1)), complete=True)
+    assert ended_early(60.0, whole, sample_fps=1) is None
+    cut = Analysis("m", spans((0, 24, 1)), complete=True)
+    assert ended_early(120.0, cut, sample_fps=1) == 24
+    assert ended_early(120.0, Analysis("m", spans((0, 24, 1))), sample_fps=1) is None  # partial
+    assert ended_early(0.0, cut, sample_fps=1) is None  # no stated duration
+
+
+@pytest.mark.parametrize(
+    ("seconds", "with_hours", "text"),
+    [
+        (0, None, "0:00"),
+        (-3, None, "0:00"),
+        (65.9, None, "1:05"),
+        (3599, None, "59:59"),
+        (3600, None, "1:00:00"),
+        (65, True, "0:01:05"),
+        (3725, False, "62:05"),
+    ],
+)
+def test_format_clock(seconds: float, with_hours: bool | None, text: str) -> None:
+    assert format_clock(seconds, with_hours) == text

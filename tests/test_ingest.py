@@ -40,7 +40,7 @@ from streamd.pipeline import windows_from
 from streamd.ring import FrameRing, Overflow, RingClosed
 from streamd.window import Windower
 from tests.conftest import RtspServerFactory, require_rtsp
-from tests.media import ClipSet, Segment, write_clip
+from tests.media import ClipSet, Segment, write_clip, write_hls
 from tests.rtsp import RtspServer
 
 STREAM = "cam"
@@ -399,6 +399,93 @@ async def test_hls_over_http(
     assert max(means[:30]) < 30  # black 0-3 s
     assert min(means[30:]) > 60  # bars 3-7 s
     assert_ended_cleanly(run)
+
+
+# --- recorded media over HTTP (issue 7) ----------------------------------------------------
+
+
+def serve_recording(kind: str, directory: Path, http_server: Callable[[Path], str]) -> str:
+    """An MP4 or an HLS VOD playlist (with ENDLIST), 2 s of bars at 10 fps, over real HTTP."""
+    if kind == "mp4":
+        write_clip(directory / "clip.mp4", [Segment(2, "bars")])
+        return f"{http_server(directory)}/clip.mp4"
+    playlist = write_hls(directory, [Segment(2, "bars")], hls_time_s=1)
+    assert "#EXT-X-ENDLIST" in playlist.read_text()
+    return f"{http_server(directory)}/{playlist.name}"
+
+
+def assert_on_time(run: Run) -> None:
+    """Each frame was handed over at the moment it shows: no wall time in the future."""
+    now = time.time()
+    for item, at in zip(run.items, run.received_at, strict=True):
+        if isinstance(item, Frame):
+            assert item.wall_s <= at + 0.05, (item.wall_s, at)
+            assert item.wall_s <= now
+            assert at - item.wall_s < 1.0  # and not read late either: paced, not buffered
+
+
+@pytest.mark.parametrize("kind", ["mp4", "hls_vod"])
+async def test_recorded_media_over_http_ends_at_1x(
+    start_source: StartSource,
+    http_server: Callable[[Path], str],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    kind: str,
+) -> None:
+    # live: auto on an http URL: the pipeline built a live (drop-oldest) ring before opening.
+    caplog.set_level(logging.INFO, logger="streamd")
+    url = serve_recording(kind, tmp_path, http_server)
+    started = time.time()
+    run = start_source(url, sample_fps=10, ring_size=40, overflow=Overflow.DROP_OLDEST)
+    await run.drain()
+    elapsed = time.time() - started
+    assert len(run.frames) == 20
+    assert elapsed >= 2.0 * 0.9, elapsed  # read at 1x, not at decode speed
+    assert_on_time(run)
+    assert run.metric("streamd_reconnects_total") == 0
+    assert run.metric("streamd_frames_dropped_total", reason="buffer_full") == 0
+    assert_ended_cleanly(run)
+    messages = [r.getMessage() for r in streamd_records(caplog)]
+    assert sum("stream cam ended: end of stream" in m for m in messages) == 1
+    assert not [m for m in messages if "lost" in m or "reconnecting" in m]
+    assert sum("recorded media" in m for m in messages) == 1
+
+
+async def test_recorded_media_over_http_read_as_live_loops_at_1x(
+    start_source: StartSource, http_server: Callable[[Path], str], tmp_path: Path
+) -> None:
+    clip = write_clip(tmp_path / "clip.mp4", [Segment(1.0, "bars")])
+    url = f"{http_server(tmp_path)}/clip.mp4"
+    run = start_source(
+        url, live=True, sample_fps=10, ring_size=40, overflow=Overflow.DROP_OLDEST, consume=True
+    )
+    await run.until(lambda: len(run.frames) >= 2 * clip.frame_count + 2, "two plays", 15)
+    assert_on_time(run)
+    pts = pts_of(run.frames)
+    assert all(b > a for a, b in itertools.pairwise(pts))
+    assert run.breaks == []
+    assert run.metric("streamd_reconnects_total") == 0
+    assert [state for state, _ in run.states] == [SourceState.CONNECTED]
+
+
+async def test_live_hls_over_http_stays_a_camera(
+    start_source: StartSource,
+    http_server: Callable[[Path], str],
+    tmp_path: Path,
+    fast_backoff: None,
+) -> None:
+    # No ENDLIST: a live playlist that stopped growing. FFmpeg gives no duration: a camera.
+    playlist = write_hls(tmp_path, [Segment(3, "bars")], hls_time_s=1)
+    text = playlist.read_text()
+    playlist.write_text(
+        text.replace("#EXT-X-ENDLIST\n", "").replace("#EXT-X-PLAYLIST-TYPE:VOD\n", "")
+    )
+    url = f"{http_server(tmp_path)}/{playlist.name}"
+    run = start_source(url, **rtsp_config(sample_fps=10))
+    await run.until(lambda: run.metric("streamd_reconnects_total") >= 1, "a reconnect", 20)
+    assert run.source.live
+    assert SourceState.RECONNECTING in [state for state, _ in run.states]
+    assert run.frames
 
 
 async def test_stop_mid_file_is_stopped_not_ended(

@@ -67,8 +67,3 @@ def test_single_frame() -> None:
     report = motion.analyse(make_window([solid(0)]).frames)
     assert report.peak == 0
     assert report.peak_index == 0
-
-
-def test_format_clock() -> None:
-    assert motion.format_clock(65) == "1:05"
-    assert motion.format_clock(3725) == "1:02:05"

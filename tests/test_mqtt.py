@@ -262,19 +262,60 @@ async def test_outbox_overflow_drops_the_oldest(
         assert seqs_of(sub.messages) == [4, 5, 6, 7, 8]
 
 
-async def test_analysis_is_qos0_and_only_while_connected(
+async def test_analysis_is_qos0_held_while_first_connecting_and_bounded(
     mosquitto: Mosquitto, unique_topic: str, metrics: Metrics, registry: CollectorRegistry
 ) -> None:
     async with asyncio.timeout(TEST_TIMEOUT_S):
         publisher = MqttPublisher(make_config(mosquitto.port, unique_topic), metrics, ["cam"])
-        publisher.analysis("cam", b'{"seq":1}')
-        assert sample(registry, "streamd_mqtt_dropped_total", reason="disconnected") == 1
+        for seq in range(1, 71):  # before run: the first connection is still to come
+            publisher.analysis("cam", b'{"seq":%d}' % seq)
+        assert sample(registry, "streamd_mqtt_dropped_total", reason="disconnected") == 0
+        assert sample(registry, "streamd_mqtt_dropped_total", reason="analysis_full") == 6
         analysis = f"{unique_topic}/cam/analysis"
-        async with Subscriber(mosquitto, analysis) as sub, running(publisher):
-            await poll(lambda: sample(registry, "streamd_mqtt_connected") == 1)
-            publisher.analysis("cam", b'{"seq":2}')
-            await sub.until(lambda: bool(sub.messages))
-        assert [(m.payload, m.qos) for m in sub.messages] == [(b'{"seq":2}', 0)]
+        async with Subscriber(mosquitto, analysis) as sub:
+            task = asyncio.create_task(publisher.run())
+            await sub.until(lambda: len(sub.messages) >= 64)
+            publisher.analysis("cam", b'{"seq":71}')
+            publisher.analysis("cam", b'{"seq":72}')
+            await publisher.close(5)  # at once: what is queued still goes out before goodbye
+            await task
+            await sub.until(lambda: len(sub.messages) >= 66)
+        assert [json.loads(bytes(m.payload))["seq"] for m in sub.messages] == list(range(7, 73))
+        assert {m.qos for m in sub.messages} == {0}
+        assert sample(registry, "streamd_mqtt_dropped_total", reason="disconnected") == 0
+
+
+async def test_analysis_dropped_and_counted_once_an_attempt_failed(
+    mosquitto: Mosquitto,
+    unique_topic: str,
+    metrics: Metrics,
+    registry: CollectorRegistry,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="streamd.sinks.mqtt")
+    async with asyncio.timeout(TEST_TIMEOUT_S):
+        gate = Gate(mosquitto)  # nothing listens on gate.port yet
+        publisher = MqttPublisher(make_config(gate.port, unique_topic), metrics, ["cam"])
+        analysis = f"{unique_topic}/cam/analysis"
+
+        def dropped() -> float:
+            return sample(registry, "streamd_mqtt_dropped_total", reason="disconnected")
+
+        try:
+            async with Subscriber(mosquitto, analysis) as sub, running(publisher):
+                publisher.analysis("cam", b'{"seq":1}')  # held: the first attempt is under way
+                await poll(lambda: attempts_failed(caplog) >= 1)
+                assert dropped() == 1  # ... and dropped when it failed
+                publisher.analysis("cam", b'{"seq":2}')  # disconnected: dropped at once
+                assert dropped() == 2
+                await gate.open()
+                await poll(lambda: sample(registry, "streamd_mqtt_connected") == 1)
+                publisher.analysis("cam", b'{"seq":3}')
+                await sub.until(lambda: bool(sub.messages))
+        finally:
+            await gate.aclose()
+        assert [(m.payload, m.qos) for m in sub.messages] == [(b'{"seq":3}', 0)]
+        assert dropped() == 2
 
 
 CHILD = """
@@ -336,18 +377,60 @@ async def test_clean_close_says_offline_and_ends_run(
         assert (await retained(mosquitto, available))[available] == b"offline"
 
 
+@pytest.mark.parametrize("run", range(5))  # it was a race: 3 of 4 clean stops left "online"
+async def test_close_says_every_stream_offline_before_available(
+    mosquitto: Mosquitto, unique_topic: str, metrics: Metrics, run: int
+) -> None:
+    async with asyncio.timeout(TEST_TIMEOUT_S):
+        streams = ["front", "back", "side"]
+        publisher = MqttPublisher(make_config(mosquitto.port, unique_topic), metrics, streams)
+        status = [f"{unique_topic}/{stream}/status" for stream in streams]
+        available = f"{unique_topic}/available"
+
+        def last(topic: str) -> bytes | None:
+            messages = sub.on(topic)
+            return bytes(messages[-1].payload) if messages else None
+
+        async with Subscriber(mosquitto, f"{unique_topic}/#") as sub:
+            task = asyncio.create_task(publisher.run())
+            for stream in streams:
+                publisher.stream_status(stream, True)
+            await sub.until(lambda: all(last(topic) == b"online" for topic in status))
+            # "front" is left online (a pipeline that never said goodbye), "back" says offline
+            # just before close (still unsent then), "side" reports in late, during close.
+            publisher.stream_status("back", False)
+            closing = asyncio.create_task(publisher.close(5))
+            await asyncio.sleep(0)  # let close() begin
+            publisher.stream_status("side", True)
+            await closing
+            assert task.done()
+            await task
+            await sub.until(lambda: last(available) == b"offline")
+        late = await retained(mosquitto, f"{unique_topic}/#")
+        assert [late[topic] for topic in status] == [b"offline"] * 3
+        assert late[available] == b"offline"
+        topics = [m.topic.value for m in sub.messages]
+        goodbye = len(topics) - 1 - topics[::-1].index(available)
+        for topic in status:
+            final = max(i for i, t in enumerate(topics) if t == topic)
+            assert final < goodbye, topics  # every stream offline before available offline
+            assert bytes(sub.messages[final].payload) == b"offline"
+
+
 async def test_cancel_without_close_still_says_offline(
     mosquitto: Mosquitto, unique_topic: str, metrics: Metrics, registry: CollectorRegistry
 ) -> None:
     async with asyncio.timeout(TEST_TIMEOUT_S):
         publisher = MqttPublisher(make_config(mosquitto.port, unique_topic), metrics, ["cam"])
+        publisher.stream_status("cam", True)
         task = asyncio.create_task(publisher.run())
         await poll(lambda: sample(registry, "streamd_mqtt_connected") == 1)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        available = f"{unique_topic}/available"
-        assert (await retained(mosquitto, available))[available] == b"offline"
+        late = await retained(mosquitto, f"{unique_topic}/#")
+        assert late[f"{unique_topic}/available"] == b"offline"
+        assert late[f"{unique_topic}/cam/status"] == b"offline"
 
 
 @pytest.mark.parametrize("insecure", [False, True], ids=["verified", "insecure"])

@@ -7,6 +7,7 @@ import pytest
 
 from streamd.mailbox import Mailbox, MailboxClosed
 from streamd.ring import FrameRing, Overflow, RingClosed
+from tests.waiting import eventually
 
 
 async def drain(ring: FrameRing[int]) -> list[int]:
@@ -33,8 +34,10 @@ def produce(ring: FrameRing[int], items: list[int]) -> threading.Thread:
 async def test_wait_policy_loses_nothing_and_applies_backpressure() -> None:
     ring: FrameRing[int] = FrameRing(2, Overflow.WAIT, asyncio.get_running_loop())
     thread = produce(ring, list(range(500)))
-    await asyncio.sleep(0.05)  # let the producer fill the ring: it must block, not drop
+    await eventually(lambda: len(ring) == 2, what="the producer filled the ring")
+    assert thread.is_alive()  # blocked on the full ring: it waits, it does not drop
     assert len(ring) == 2
+    assert ring.dropped == 0
     assert await drain(ring) == list(range(500))
     thread.join(5)
     assert ring.dropped == 0
@@ -74,7 +77,8 @@ async def test_close_unblocks_a_waiting_producer() -> None:
     results: list[bool] = []
     thread = threading.Thread(target=lambda: results.extend(ring.put(i) for i in range(3)))
     thread.start()
-    await asyncio.sleep(0.05)
+    await eventually(lambda: len(ring) == 1, what="the first item is in")
+    assert thread.is_alive()  # blocked on the second put
     ring.close()
     await asyncio.to_thread(thread.join, 5)
     assert not thread.is_alive()
@@ -106,7 +110,8 @@ async def test_mailbox_wait_blocks_until_taken() -> None:
     box: Mailbox[int] = Mailbox(replace=False)
     await box.put(1)
     second = asyncio.create_task(box.put(2))
-    await asyncio.sleep(0.01)
+    for _ in range(10):  # let it run until it waits: a put on a full slot never completes
+        await asyncio.sleep(0)
     assert not second.done()
     async with asyncio.timeout(5):
         assert await box.get() == 1

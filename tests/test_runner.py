@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import AsyncIterator
 
@@ -135,6 +136,23 @@ async def test_load_failure_is_a_model_error(registry) -> None:
         await runner.start()
     assert registry.get_sample_value("streamd_model_ready") == 0
     await runner.close()
+
+
+async def test_close_reports_a_backend_that_fails_to_close(
+    registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    class BadClose(SlowBackend):
+        def close(self) -> None:
+            raise RuntimeError("device lost")
+
+    caplog.set_level(logging.WARNING, logger="streamd")
+    runner = await started(BadClose(), registry)
+    await runner.close()  # still closes: never raises
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "failed to close" in warnings[0].getMessage()
+    assert "device lost" in warnings[0].getMessage()
+    assert registry.get_sample_value("streamd_model_ready") == 0
 
 
 async def test_not_ready_refuses(registry) -> None:

@@ -16,8 +16,12 @@ from mlx import nn
 
 from streamd.config import ModelConfig
 from streamd.errors import ModelError
+from streamd.log import adopt_library_loggers
 from streamd.scoring import smolvlm
 from streamd.scoring.smolvlm import Normalization, SmolVLMFacts
+
+# transformers and huggingface_hub install handlers of their own: log through streamd's.
+adopt_library_loggers()
 
 # What mlx_vlm.load fetches from the hub (its own list, minus code and sentencepiece files).
 _HUB_FILES = ["*.json", "*.jsonl", "*.safetensors", "*.txt", "*.jinja"]

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from streamd.domain import Prompt
+from streamd.timefmt import format_clock
 
 ANSWER_PREFIX = " Significance:"
 """Text the assistant turn is started with; the score is read right after it."""
@@ -102,10 +103,7 @@ def number_to_words(n: int) -> str:
 
 def format_hms(seconds: float) -> str:
     """``H:MM:SS`` of whole seconds, as ``str(timedelta)`` prints it."""
-    total = int(seconds)
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}"
+    return format_clock(seconds, with_hours=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 
 LOAD_TIMEOUT_S = 1800.0
 """Loading may include a first download of the weights; beyond this something is wrong."""
+CLOSE_TIMEOUT_S = 10.0
+"""Releasing the model (freeing device memory) should take well under this."""
 
 
 @dataclass(slots=True)
@@ -99,18 +101,23 @@ class ModelRunner:
         self._fail_queue(ModelError("model runner closed"))
         busy = self._in_flight is not None and not self._in_flight.done()
         if not busy:  # a call still running (stuck, or cut short by shutdown) keeps the thread
-            loop = asyncio.get_running_loop()
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(10):
-                    await loop.run_in_executor(self._executor, self.backend.close)
+            await self._close_backend()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    # --- serving ------------------------------------------------------------------------------
+    async def _close_backend(self) -> None:
+        # Closing is best effort (we are going away anyway), but never silent.
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await loop.run_in_executor(self._executor, self.backend.close)
+        except TimeoutError:
+            logger.warning(
+                "model %s not released within %.0fs", self.backend.model_id, CLOSE_TIMEOUT_S
+            )
+        except Exception as exc:  # any backend error: report it, carry on closing
+            logger.warning("model %s failed to close: %r", self.backend.model_id, exc)
 
-    @property
-    def waiting(self) -> int:
-        """Windows queued for the model."""
-        return len(self._queue)
+    # --- serving ------------------------------------------------------------------------------
 
     async def score(self, request: ScoreRequest) -> Score:
         """Score one window; raises ``ModelError`` if the model failed or is stalled."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import huggingface_hub
 import torch
@@ -24,9 +23,14 @@ from transformers.utils.hub import cached_file
 
 from streamd.config import ModelConfig
 from streamd.errors import ModelError
+from streamd.log import adopt_library_loggers
 from streamd.scoring import smolvlm
 from streamd.scoring.prompt import VideoTokens
 from streamd.scoring.smolvlm import SmolVLMFacts
+from streamd.scoring.torch_cpu import amx_available
+
+# transformers and huggingface_hub install handlers of their own: log through streamd's.
+adopt_library_loggers()
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,23 +120,9 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     # bf16 pays on CPUs with AMX (3-4x faster than fp32). AVX512-BF16 alone is not enough:
     # measured on such a CPU (no AMX), bf16 vision and prefill took 1.6x fp32's time.
-    if device.type == "cpu" and cpu_has_amx():
+    if device.type == "cpu" and amx_available():
         return torch.bfloat16
     return torch.float32
-
-
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles for bf16 matrix work (Sapphire Rapids and later)."""
-    init_amx = getattr(torch._C._cpu, "_init_amx", None)  # also asks Linux for AMX state
-    if init_amx is not None:
-        try:
-            return bool(init_amx())
-        except RuntimeError:
-            pass
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
-    except OSError:
-        return False
 
 
 def _read_checkpoint(

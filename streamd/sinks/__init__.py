@@ -27,7 +27,11 @@ class EventSink(Protocol):
         ...
 
     async def close(self) -> None:
-        """Clean stop: say goodbye, disconnect (the caller bounds the wait)."""
+        """Clean stop: every stream offline, then say goodbye, disconnect (caller bounds it).
+
+        The sink itself marks every stream offline, whatever the pipelines reported last, so
+        the daemon's shutdown order cannot leave a stream looking online.
+        """
         ...
 
     def stream_status(self, stream: str, online: bool) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
+import enum
 import logging
 import random
 import ssl
@@ -22,6 +22,8 @@ from streamd.config import MqttConfig
 from streamd.domain import Event
 from streamd.metrics import Metrics
 from streamd.sinks.discovery import DiscoveryContext, config_filter, discovery_configs, node_id_for
+from streamd.sinks.outbox import Outbox
+from streamd.sinks.paho_compat import close_socket
 
 logger = logging.getLogger(__name__)
 # paho logs the socket error behind every lost connection at ERROR; we log each state change
@@ -35,7 +37,7 @@ CONNECT_TIMEOUT_S = 30.0  # outer bound of one attempt (paho bounds TCP and TLS 
 CLOSE_TIMEOUT_S = 2 * NETWORK_TIMEOUT_S  # close() without a timeout
 STABLE_S = 10.0  # a connection that lasted this long resets the backoff; a flapping one does not
 EVENT_BATCH = 32  # events pipelined at once: in order on one connection, acked in order
-ANALYSIS_QUEUE = 64  # analysis messages waiting while connected; oldest dropped past it
+ANALYSIS_QUEUE = 64  # analysis messages waiting (connected or first connecting); oldest dropped
 INCOMING_QUEUE = 1000
 DISCOVERY_COLLECT_S = 0.5  # retained configs follow the SUBACK at once; grace for slow brokers
 OFFLINE_ON_CANCEL_S = 1.0
@@ -44,14 +46,22 @@ UNSPECIFIED_ERROR = 128
 DROP_REASONS = ("outbox_full", "disconnected", "analysis_full")
 
 
-@dataclass(slots=True, eq=False)
-class _Pending:
-    """An event message waiting in the outbox for its PUBACK (compared by identity)."""
+@dataclass(frozen=True, slots=True)
+class _EventMessage:
+    """An event message waiting in the outbox for its PUBACK."""
 
     event: Event
     topic: str
     payload: bytes
     enqueued_s: float
+
+
+class _Link(enum.Enum):
+    """The broker connection, as the sink calls see it."""
+
+    STARTING = "starting"  # the first attempt is under way: analysis messages are held
+    UP = "up"
+    DOWN = "down"  # an attempt failed or a connection was lost: analysis messages are dropped
 
 
 class MqttPublisher:
@@ -64,7 +74,9 @@ class MqttPublisher:
     gap-free while the outbox has room; past ``outbox_size`` the oldest event is dropped and
     counted. On every connect: retained ``online`` on ``{prefix}/available`` (the will says
     ``offline``), every stream's latest status and snapshot, HA discovery (node id
-    ``node_id_for(client_id)``, configs of removed streams cleared), then the outbox.
+    ``node_id_for(client_id)``, configs of removed streams cleared), then the outbox. On
+    ``close``: every stream's status ``offline``, acknowledged, and only then ``available``
+    ``offline`` (whatever the pipelines last said: nobody reports frames after a stop).
     """
 
     def __init__(
@@ -84,19 +96,18 @@ class MqttPublisher:
         self._discovery = discovery_configs(streams, ctx) if config.ha_discovery else {}
         self._discovery_filter = config_filter(config.discovery_prefix, node_id)
         self._found_configs: set[str] | None = None
-        self._outbox: deque[_Pending] = deque()
+        self._streams = dict.fromkeys(streams)  # every stream that gets a status
+        self._outbox: Outbox[_EventMessage] = Outbox(config.outbox_size, self._dropped)
         self._analysis: deque[tuple[str, bytes]] = deque()
         self._retained: dict[str, bytes] = {}
         self._dirty: dict[str, None] = {}  # retained topics to publish, in order
-        self._wake = asyncio.Event()
-        self._drained = asyncio.Event()
+        self._link = _Link.STARTING
+        self._wake = asyncio.Event()  # a sink call or close(): there may be work
+        self._drained = asyncio.Event()  # the outbox is empty
         self._drained.set()
-        self._stop = asyncio.Event()
-        self._stopped = asyncio.Event()
-        self._running = False
-        self._connected = False
-        self._said_offline = False
-        self._overflowing = False
+        self._stop = asyncio.Event()  # close() was called
+        self._stopped = asyncio.Event()  # run() is not running
+        self._stopped.set()
         self._last_failure: str | None = None
         self._rng = random.Random()  # noqa: S311 - jitter, not crypto
         self._where = f"{config.host}:{config.port}"
@@ -106,7 +117,13 @@ class MqttPublisher:
             metrics.mqtt_dropped.labels(reason=reason)
 
     def stream_status(self, stream: str, online: bool) -> None:
-        """Retained ``{prefix}/{stream}/status``: ``online`` / ``offline`` (latest wins)."""
+        """Retained ``{prefix}/{stream}/status``: ``online`` / ``offline`` (latest wins).
+
+        After ``close`` it is always ``offline``: a source that reports in late must not undo
+        the goodbye.
+        """
+        self._streams.setdefault(stream)
+        online = online and not self._stop.is_set()
         self._set_retained(f"{self._prefix}/{stream}/status", b"online" if online else b"offline")
 
     def snapshot(self, stream: str, jpeg: bytes) -> None:
@@ -115,22 +132,18 @@ class MqttPublisher:
 
     def event(self, event: Event, payload: bytes) -> None:
         """Queue an event message (QoS 1); past ``outbox_size`` the oldest is dropped."""
-        if len(self._outbox) >= self._config.outbox_size:
-            self._outbox.popleft()
-            self._metrics.mqtt_dropped.labels(reason="outbox_full").inc()
-            if not self._overflowing:
-                self._overflowing = True
-                logger.warning(
-                    "mqtt: outbox full (%d events), dropping the oldest", self._config.outbox_size
-                )
         topic = f"{self._prefix}/{event.stream}/events"
-        self._outbox.append(_Pending(event, topic, payload, time.monotonic()))
+        self._outbox.append(_EventMessage(event, topic, payload, time.monotonic()))
         self._drained.clear()
         self._wake.set()
 
     def analysis(self, stream: str, payload: bytes) -> None:
-        """Queue an analysis message (QoS 0) while connected; otherwise drop and count it."""
-        if not self._connected:
+        """Queue an analysis message (QoS 0); dropped and counted while disconnected.
+
+        Until the first connection attempt ends, messages are held (bounded) rather than
+        dropped, so the first windows of a run reach the broker too.
+        """
+        if self._link is _Link.DOWN:
             self._metrics.mqtt_dropped.labels(reason="disconnected").inc()
             return
         if len(self._analysis) >= ANALYSIS_QUEUE:
@@ -139,6 +152,14 @@ class MqttPublisher:
         self._analysis.append((f"{self._prefix}/{stream}/analysis", payload))
         self._wake.set()
 
+    def _dropped(self, message: _EventMessage) -> None:
+        """The outbox dropped its oldest message to make room: count it, warn once per spell."""
+        self._metrics.mqtt_dropped.labels(reason="outbox_full").inc()
+        if self._outbox.drops_since_empty == 1:
+            logger.warning(
+                "mqtt: outbox full (%d events), dropping the oldest", self._outbox.capacity
+            )
+
     def _set_retained(self, topic: str, payload: bytes) -> None:
         self._retained[topic] = payload
         self._dirty[topic] = None
@@ -146,7 +167,7 @@ class MqttPublisher:
 
     async def run(self) -> None:
         """Connect, publish, reconnect with backoff; returns after ``close``, else runs forever."""
-        self._running = True
+        self._stopped.clear()
         attempt = 0
         try:
             while not self._stop.is_set():
@@ -160,7 +181,6 @@ class MqttPublisher:
                     async with asyncio.timeout(delay):
                         await self._stop.wait()  # close() cuts the wait short
         finally:
-            self._running = False
             self._stopped.set()
 
     @property
@@ -184,14 +204,17 @@ class MqttPublisher:
                 raise
 
     async def close(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - contract
-        """Say ``offline`` (retained) if connected, disconnect and end ``run``.
+        """Say goodbye if connected, disconnect and end ``run``.
+
+        The goodbye: every stream's status ``offline``, then ``available`` ``offline``
+        (retained, QoS 1, each acknowledged, in that order).
 
         Args:
             timeout: Seconds to wait for that (default ``CLOSE_TIMEOUT_S``).
         """
         self._stop.set()
         self._wake.set()
-        if not self._running:
+        if self._stopped.is_set():
             return
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT_S if timeout is None else timeout):
@@ -208,7 +231,7 @@ class MqttPublisher:
                 async with asyncio.timeout(CONNECT_TIMEOUT_S):
                     await stack.enter_async_context(client)
                 up_since = time.monotonic()
-                self._set_connected(True)
+                self._set_link(_Link.UP)
                 await self._session(client)
         except (aiomqtt.MqttError, TimeoutError) as exc:
             if up_since is None:
@@ -218,8 +241,8 @@ class MqttPublisher:
         else:
             logger.info("mqtt: disconnected from %s", self._where)
         finally:
-            self._set_connected(False)
-            _discard(client)
+            self._set_link(_Link.DOWN)
+            close_socket(client)  # a timed-out CONNACK or DISCONNECT leaves it open
         return 0.0 if up_since is None else time.monotonic() - up_since
 
     async def _session(self, client: aiomqtt.Client) -> None:
@@ -235,7 +258,7 @@ class MqttPublisher:
                 await serve
             with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
                 async with asyncio.timeout(OFFLINE_ON_CANCEL_S):
-                    await self._say_offline(client)
+                    await self._say_goodbye(client)
             raise
         finally:
             for task in (watch, serve):
@@ -252,8 +275,7 @@ class MqttPublisher:
                 self._found_configs.add(message.topic.value)
 
     async def _serve(self, client: aiomqtt.Client) -> None:
-        """Announce, drain the backlog, clean discovery, then publish as work arrives."""
-        self._said_offline = False
+        """Announce, drain the backlog, clean discovery, publish as work arrives; say goodbye."""
         await client.publish(self._available, b"online", qos=1, retain=True)
         # Every stream's latest status, then its snapshot (the sort is stable).
         self._dirty = dict.fromkeys(sorted(self._retained, key=lambda t: t.endswith("/snapshot")))
@@ -273,7 +295,9 @@ class MqttPublisher:
                 self._wake.clear()  # nothing to do: sleep until a sink call or close()
                 if not (self._dirty or self._outbox or self._analysis or self._stop.is_set()):
                     await self._wake.wait()
-        await self._say_offline(client)
+        while await self._publish_analysis(client):  # at most ANALYSIS_QUEUE, no acks to await
+            pass
+        await self._say_goodbye(client)
 
     async def _publish_retained(self, client: aiomqtt.Client) -> bool:
         did = False
@@ -286,28 +310,27 @@ class MqttPublisher:
 
     async def _publish_events(self, client: aiomqtt.Client) -> bool:
         """Pipeline the oldest events; drop each from the outbox once acked, in order."""
-        batch = list(itertools.islice(self._outbox, EVENT_BATCH))
+        batch = self._outbox.peek(EVENT_BATCH)
         if not batch:
             return False
         results = await asyncio.gather(
-            *(client.publish(item.topic, item.payload, qos=1) for item in batch),
+            *(client.publish(e.item.topic, e.item.payload, qos=1) for e in batch),
             return_exceptions=True,
         )
         now = time.monotonic()
-        for item, result in zip(batch, results, strict=True):
+        for entry, result in zip(batch, results, strict=True):
             if isinstance(result, BaseException):
                 raise result  # the rest stays queued and is sent again after a reconnect
-            # Only the head leaves (overflow also drops from the head): if it is not this
-            # item, the item was dropped while in flight and is not ours to count.
-            if self._outbox and self._outbox[0] is item:
-                self._outbox.popleft()
-                event = item.event
+            # False: dropped for room while in flight, and counted as dropped already.
+            if self._outbox.ack(entry):
+                event = entry.item.event
                 self._metrics.events_published.labels(
                     stream=event.stream, type=event.type.value
                 ).inc()
-                self._metrics.stage_seconds.labels(stage="publish").observe(now - item.enqueued_s)
+                self._metrics.stage_seconds.labels(stage="publish").observe(
+                    now - entry.item.enqueued_s
+                )
         if not self._outbox:
-            self._overflowing = False
             self._drained.set()
         return True
 
@@ -328,8 +351,11 @@ class MqttPublisher:
         self._found_configs = found
         try:
             await client.subscribe(self._discovery_filter, qos=1)
-            # Retained messages follow the SUBACK at once; the grace covers slow brokers.
-            await asyncio.sleep(DISCOVERY_COLLECT_S)
+            # Retained messages follow the SUBACK at once; the grace covers slow brokers,
+            # and close() cuts it short.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(DISCOVERY_COLLECT_S):
+                    await self._stop.wait()
             await client.unsubscribe(self._discovery_filter)
         finally:
             self._found_configs = None
@@ -339,10 +365,15 @@ class MqttPublisher:
         if removed:
             logger.info("mqtt: cleared %d HA discovery configs of removed streams", len(removed))
 
-    async def _say_offline(self, client: aiomqtt.Client) -> None:
-        if not self._said_offline:
-            await client.publish(self._available, b"offline", qos=1, retain=True)
-            self._said_offline = True
+    async def _say_goodbye(self, client: aiomqtt.Client) -> None:
+        """Every stream ``offline``, acknowledged, then ``available`` ``offline`` (spec order).
+
+        Sent at most twice (a cancel during a close's goodbye): retained, so harmless.
+        """
+        for stream in self._streams:
+            self._set_retained(f"{self._prefix}/{stream}/status", b"offline")
+        await self._publish_retained(client)
+        await client.publish(self._available, b"offline", qos=1, retain=True)
 
     def _new_client(self) -> aiomqtt.Client:
         cfg = self._config
@@ -374,15 +405,15 @@ class MqttPublisher:
         client.pending_calls_threshold = EVENT_BATCH + ANALYSIS_QUEUE
         return client
 
-    def _set_connected(self, connected: bool) -> None:
-        if connected:
+    def _set_link(self, link: _Link) -> None:
+        if link is _Link.UP:
             self._last_failure = None
             logger.info("mqtt: connected to %s as %r", self._where, self._config.client_id)
-        elif self._analysis:
+        elif self._analysis:  # QoS 0 is not kept across connections
             self._metrics.mqtt_dropped.labels(reason="disconnected").inc(len(self._analysis))
             self._analysis.clear()
-        self._connected = connected
-        self._metrics.mqtt_connected.set(1 if connected else 0)
+        self._link = link
+        self._metrics.mqtt_connected.set(1 if link is _Link.UP else 0)
 
     def _log_failure(self, exc: BaseException) -> None:
         """One line per kind of failure; repeats of the same failure go to DEBUG."""
@@ -415,11 +446,3 @@ def _reason(exc: BaseException) -> str:
     if isinstance(cause, MqttConnectError) and rc is not None:
         return str(rc).lower()
     return str(cause) or type(cause).__name__
-
-
-def _discard(client: aiomqtt.Client) -> None:
-    """Close paho's socket if still open (a timed-out CONNACK or DISCONNECT leaves it so)."""
-    # No public API for this in aiomqtt 2.x; paho's close also unregisters the fd from the loop.
-    paho = client._client
-    if paho.socket() is not None:
-        paho._sock_close()
