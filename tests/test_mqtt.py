@@ -614,3 +614,76 @@ def test_node_id_is_the_client_id_made_safe() -> None:
     assert topic == "homeassistant/sensor/Garage_A/cam_last_event/config"
     assert cfg["default_entity_id"] == "sensor.garage_a_cam_last_event"
     assert "model" not in cfg["device"]  # type: ignore[operator]
+
+
+# -- several instances on one broker ------------------------------------------------------
+
+
+async def test_two_instances_with_their_own_client_id_and_prefix_coexist(
+    mosquitto: Mosquitto, unique_topic: str, registry: CollectorRegistry
+) -> None:
+    a_prefix, b_prefix = f"{unique_topic}/a", f"{unique_topic}/b"
+    ha = f"{unique_topic}/ha"
+    a = MqttPublisher(
+        make_config(mosquitto.port, a_prefix, discovery_prefix=ha, ha_discovery=True),
+        Metrics(registry),
+        ["cam"],
+    )
+    b = MqttPublisher(
+        make_config(mosquitto.port, b_prefix, discovery_prefix=ha, ha_discovery=True),
+        Metrics(CollectorRegistry()),
+        ["cam"],
+    )
+    async with Subscriber(mosquitto, f"{unique_topic}/#") as sub, running(a), running(b):
+        a.stream_status("cam", online=True)
+        b.stream_status("cam", online=True)
+        send(a, [1, 2])
+        send(b, [1])
+        await sub.until(
+            lambda: (
+                len(sub.on(f"{a_prefix}/cam/events")) == 2
+                and len(sub.on(f"{b_prefix}/cam/events")) == 1
+            )
+        )
+        await asyncio.wait_for(a.flush(), WAIT_S)
+        await asyncio.wait_for(b.flush(), WAIT_S)
+        # Past the discovery clean-up of both: neither cleared the other's entities.
+        await asyncio.sleep(1.0)
+        seen = await retained(mosquitto, f"{unique_topic}/#")
+        for prefix in (a_prefix, b_prefix):  # no flapping: each connected once, and stayed
+            assert [bytes(m.payload) for m in sub.on(f"{prefix}/available")] == [b"online"]
+    configs = [t for t, payload in seen.items() if t.startswith(ha) and payload]
+    node_a = node_id_for(a._config.client_id)
+    node_b = node_id_for(b._config.client_id)
+    assert any(node_a in t for t in configs)
+    assert any(node_b in t for t in configs)
+
+
+async def test_a_shared_client_id_is_named_in_one_line(
+    mosquitto: Mosquitto,
+    unique_topic: str,
+    registry: CollectorRegistry,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.ERROR, logger="streamd.sinks.mqtt")
+    shared = f"streamd-shared-{uuid.uuid4().hex[:6]}"
+    a = MqttPublisher(
+        make_config(mosquitto.port, f"{unique_topic}/a", client_id=shared),
+        Metrics(registry),
+        ["cam"],
+    )
+    b = MqttPublisher(
+        make_config(mosquitto.port, f"{unique_topic}/b", client_id=shared),
+        Metrics(CollectorRegistry()),
+        ["cam"],
+    )
+
+    def named() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "client_id" in r.getMessage()]
+
+    async with running(a), running(b):
+        await poll(lambda: bool(named()), within=30.0)
+    lines = named()
+    assert len(lines) <= 2  # at most once per instance, not once per flap
+    assert repr(shared) in lines[0]
+    assert "mqtt.client_id" in lines[0]

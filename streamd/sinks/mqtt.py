@@ -35,6 +35,7 @@ if _paho_logger.level == logging.NOTSET:
 NETWORK_TIMEOUT_S = 10.0  # every broker round trip: CONNACK, PUBACK, SUBACK, DISCONNECT
 CONNECT_TIMEOUT_S = 30.0  # outer bound of one attempt (paho bounds TCP and TLS at 5 s each)
 CLOSE_TIMEOUT_S = 2 * NETWORK_TIMEOUT_S  # close() without a timeout
+TAKEOVER_DROPS = 3  # short-lived connections in a row that mean a client_id is shared
 STABLE_S = 10.0  # a connection that lasted this long resets the backoff; a flapping one does not
 EVENT_BATCH = 32  # events pipelined at once: in order on one connection, acked in order
 ANALYSIS_QUEUE = 64  # analysis messages waiting (connected or first connecting); oldest dropped
@@ -169,12 +170,18 @@ class MqttPublisher:
         """Connect, publish, reconnect with backoff; returns after ``close``, else runs forever."""
         self._stopped.clear()
         attempt = 0
+        short_lives = 0  # connections in a row that the broker dropped soon after CONNACK
         try:
             while not self._stop.is_set():
-                if await self._attempt() >= STABLE_S:
-                    attempt = 0
+                uptime = await self._attempt()
                 if self._stop.is_set():
                     break
+                if uptime >= STABLE_S:
+                    attempt = short_lives = 0
+                elif uptime > 0:
+                    short_lives += 1
+                    if short_lives == TAKEOVER_DROPS:
+                        self._warn_takeover(short_lives)
                 delay = backoff_delay(attempt, self._rng)
                 attempt += 1
                 with contextlib.suppress(TimeoutError):
@@ -182,6 +189,18 @@ class MqttPublisher:
                         await self._stop.wait()  # close() cuts the wait short
         finally:
             self._stopped.set()
+
+    def _warn_takeover(self, drops: int) -> None:
+        # MQTT 3.1.1 brokers drop the older of two connections with one client id without a
+        # reason code: a connection that keeps dying right after CONNACK is the symptom.
+        logger.error(
+            "mqtt: %s dropped the connection right after connecting %d times in a row: another"
+            " client is probably using client_id %r; give each streamd instance its own"
+            " mqtt.client_id and mqtt.topic_prefix",
+            self._where,
+            drops,
+            self._config.client_id,
+        )
 
     @property
     def pending(self) -> int:
