@@ -227,6 +227,8 @@ class Daemon:
             return False, "model not ready"
         if runner.stalled_since is not None:
             return False, "model stalled"
+        if runner.problem is not None:
+            return False, runner.problem
         down = [p.name for p in tuple(self.pipelines) if not p.healthy]
         if down:
             return False, "streams down: " + ", ".join(down)

@@ -103,6 +103,8 @@ class StageTimings:
     generate_s: float = 0.0
     vision_hits: int = 0
     vision_misses: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)

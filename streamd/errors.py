@@ -20,7 +20,18 @@ class SourceError(StreamdError):
 
 
 class ModelError(StreamdError):
-    """The model cannot be loaded or failed while scoring."""
+    """The model cannot be loaded or failed while scoring.
+
+    Attributes:
+        reason: Counted in ``streamd_model_errors_total{reason}`` (``unreachable``, ``busy``,
+            ``rejected``, ``refused``, ``timeout``, ``error``).
+        health: What ``/healthz`` says while this is the latest failure (None: nothing).
+    """
+
+    def __init__(self, message: str, *, reason: str = "error", health: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.health = health
 
 
 class ExitCode(enum.IntEnum):

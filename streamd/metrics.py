@@ -22,6 +22,7 @@ from streamd.errors import StreamdError
 
 logger = logging.getLogger(__name__)
 
+MODEL_ERROR_REASONS = ("unreachable", "busy", "rejected", "refused", "timeout", "stalled", "error")
 STAGES = ("decode", "queue", "vision", "prefill", "generate", "publish")
 # Decode of one sampled frame is milliseconds; a window's analysis is seconds to a minute.
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -82,6 +83,23 @@ class Metrics:
             "streamd_outbox_messages", "Events waiting for the broker.", registry=r
         )
         self.model_ready = Gauge("streamd_model_ready", "1 once the model is warm.", registry=r)
+        self.model_calls_in_flight = Gauge(
+            "streamd_model_calls_in_flight",
+            "Model calls running now (requests open, for a remote server).",
+            registry=r,
+        )
+        self.model_call_seconds = Histogram(
+            "streamd_model_call_seconds",
+            "One model call (a request, for a remote server), start to answer.",
+            buckets=WINDOW_BUCKETS,
+            registry=r,
+        )
+        self.model_tokens = Counter(
+            "streamd_model_tokens", "Tokens the model server counted.", ("type",), registry=r
+        )
+        self.model_errors = Counter(
+            "streamd_model_errors", "Failed model calls.", ("reason",), registry=r
+        )
         self.stage_seconds = Histogram(
             "streamd_stage_seconds",
             "Time per stage.",
@@ -97,6 +115,10 @@ class Metrics:
         )
         for stage in STAGES:
             self.stage_seconds.labels(stage=stage)
+        for kind in ("prompt", "completion"):
+            self.model_tokens.labels(type=kind)
+        for reason in MODEL_ERROR_REASONS:
+            self.model_errors.labels(reason=reason)
 
     def for_stream(self, stream: str) -> StreamMetrics:
         """Children bound to one stream's label (created now, so they show as 0)."""

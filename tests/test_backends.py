@@ -1,8 +1,11 @@
 """One conformance suite for every scoring backend, plus what only the mlx-vlm backend needs.
 
-The transformers and mlx backends run the tiny random SmolVLM2 of ``tests.tiny_smolvlm``. Building
-it needs torch; a venv without torch (the mlx one) gets a prebuilt copy through
-``STREAMD_TINY_SMOLVLM``, else those parameters skip.
+The backends are those of the registry (``streamd.scoring.registry.BACKENDS``): a new one is
+tested here without a line of this file changing, once ``model_config`` knows how to make it.
+The transformers and mlx backends run the tiny random SmolVLM2 of ``tests.tiny_smolvlm``, and
+the openai backend talks to mlx-vlm's OpenAI-compatible server serving it. Building it needs
+torch; a venv without torch (the mlx one) gets a prebuilt copy through ``STREAMD_TINY_SMOLVLM``,
+else those parameters skip.
 """
 
 from __future__ import annotations
@@ -16,21 +19,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamd.config import ModelConfig
+from streamd.config import ModelConfig, ModelSection, OpenAIModelConfig
 from streamd.domain import Frame, Image, Score, ScoreRequest, StageTimings, Window
 from streamd.errors import ModelError
 from streamd.scoring import create_backend
 from streamd.scoring.base import ScoringBackend
 from streamd.scoring.prompt import DESCRIPTION_PREFIX, PROFILES, VideoTokens, render_video_prompt
+from streamd.scoring.registry import BACKENDS as REGISTRY
+from tests.openai_server import MlxVlmServer, require_mlx_server
 from tests.tiny_smolvlm import IMAGE_SEQ_LEN, IMAGE_SIZE
 
 TINY_CHECKPOINT_ENV = "STREAMD_TINY_SMOLVLM"
 MAX_NEW_TOKENS = 8
 PROMPT = PROFILES["surveillance"]
-NEEDS = {"transformers": ("torch", "transformers"), "mlx": ("mlx_vlm",)}
+NEEDS = {"transformers": ("torch", "transformers"), "mlx": ("mlx_vlm",), "openai": ("httpx",)}
 MLX_MISSING = "the mlx backend needs mlx_vlm"
 """What each backend imports; a missing one skips its parameters."""
-BACKENDS = [pytest.param(name, id=name) for name in ("motion", "transformers", "mlx")]
+BACKENDS = [pytest.param(name, id=name) for name in REGISTRY]
+SMOLVLM_IN_PROCESS = ("transformers", "mlx")
 
 
 # --- fixtures and builders ----------------------------------------------------------------------
@@ -54,10 +60,29 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_smolvlm(tmp_path_factory.mktemp("tiny-smolvlm2"))
 
 
-def model_config(name: str, request: pytest.FixtureRequest) -> ModelConfig:
+@pytest.fixture(scope="session")
+def openai_server(
+    tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[MlxVlmServer]:
+    """mlx-vlm's OpenAI-compatible server on the tiny SmolVLM2 (skips without it, outside CI)."""
+    require_mlx_server()
+    log = tmp_path_factory.mktemp("openai-server") / "server.log"
+    with MlxVlmServer(tiny_checkpoint, log) as server:
+        yield server
+
+
+def model_config(name: str, request: pytest.FixtureRequest) -> ModelSection:
     """Skips unless ``name``'s imports and weights are here."""
     for module in NEEDS.get(name, ()):
         pytest.importorskip(module, reason=f"the {name} backend needs {module}")
+    if name == "openai":
+        server: MlxVlmServer = request.getfixturevalue("openai_server")
+        return OpenAIModelConfig(
+            id=server.model_id,
+            base_url=server.base_url,
+            max_new_tokens=MAX_NEW_TOKENS,
+            timeout_s=30,
+        )
     model_id = "motion" if name == "motion" else str(request.getfixturevalue("tiny_checkpoint"))
     return ModelConfig(
         backend=name, id=model_id, device="cpu", dtype="float32", max_new_tokens=MAX_NEW_TOKENS
@@ -139,7 +164,7 @@ def test_input_size_is_positive_width_and_height(backend: ScoringBackend) -> Non
     assert isinstance(height, int)
     assert width > 0
     assert height > 0
-    if backend.name != "motion":  # read from the checkpoint's image processor config
+    if backend.name in SMOLVLM_IN_PROCESS:  # read from the checkpoint's image processor config
         assert backend.input_size == (IMAGE_SIZE, IMAGE_SIZE)
 
 
@@ -178,9 +203,16 @@ def test_describe_and_close(name: str, request: pytest.FixtureRequest) -> None:
 # --- mlx-vlm only -------------------------------------------------------------------------------
 
 
+def local_config(name: str, request: pytest.FixtureRequest) -> ModelConfig:
+    """``model_config`` of an in-process backend."""
+    config = model_config(name, request)
+    assert isinstance(config, ModelConfig)
+    return config
+
+
 def mlx_backend(request: pytest.FixtureRequest, **kwargs: float) -> ScoringBackend:
     """A loaded ``MlxBackend``; skips without mlx-vlm or the tiny weights."""
-    config = model_config("mlx", request)
+    config = local_config("mlx", request)
     from streamd.scoring.mlx_impl import MlxBackend  # noqa: PLC0415 - needs mlx_vlm
 
     loaded = MlxBackend(config, **kwargs)
@@ -321,7 +353,7 @@ def test_mlx_loads_and_scores_on_a_model_thread(request: pytest.FixtureRequest) 
 
 
 def test_mlx_load_errors_are_one_line(request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    config = model_config("mlx", request)
+    config = local_config("mlx", request)
     from streamd.scoring.mlx_impl import MlxBackend  # noqa: PLC0415 - needs mlx_vlm
 
     empty = tmp_path / "empty"

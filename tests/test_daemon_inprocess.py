@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from streamd.config import Config
 from streamd.daemon import Daemon
-from streamd.errors import ExitCode
+from streamd.errors import ExitCode, ModelError
 from streamd.sdnotify import SystemdNotifier
 from tests.broker import free_port
 from tests.media import ClipSet
@@ -158,11 +158,56 @@ async def test_healthz_follows_a_stall_at_once(clips: ClipSet) -> None:
             # At once, not at the next 1 s tick of the main loop.
             assert await asyncio.to_thread(get, healthz) == (503, "model stalled\n")
             daemon.handle_exit(signal.SIGTERM, None)
-            assert await asyncio.to_thread(get, healthz) == (503, "stopping\n")
+            # Asked before the loop runs again: the server may be gone by then (shutdown).
+            assert daemon.health() == (False, "stopping")
             backend.release.set()
             assert await serving == ExitCode.OK  # stopped before the stall outlasted timeout_s
     finally:
         backend.release.set()
+        if not serving.done():
+            daemon.handle_exit(signal.SIGTERM, None)
+            await asyncio.wait({serving}, timeout=10)
+
+
+async def test_healthz_names_an_unreachable_model_server_and_recovers(clips: ClipSet) -> None:
+    port = free_port()
+    stream = {"name": "cam", "url": str(clips.motion.path), "live": True}
+    config = make_config([stream], metrics={"listen": f"127.0.0.1:{port}"})
+
+    class Remote(SlowBackend):
+        down = False
+
+        def score(self, requests):
+            if self.down:
+                raise ModelError(
+                    "model server unreachable: http://gpu/v1",
+                    reason="unreachable",
+                    health="model server unreachable",
+                )
+            return super().score(requests)
+
+    backend = Remote()
+    daemon = make_daemon(config, backend)
+    serving = asyncio.create_task(daemon.serve())
+    healthz = f"http://127.0.0.1:{port}/healthz"
+    try:
+        async with asyncio.timeout(SERVE_TIMEOUT_S):
+            await eventually(lambda: get(healthz) == (200, "ok\n"), 10, "healthy")
+            backend.down = True
+            await eventually(
+                lambda: get(healthz) == (503, "model server unreachable\n"), 10, "unreachable"
+            )
+            assert not serving.done()  # the daemon stays up
+            backend.down = False
+            await eventually(lambda: get(healthz) == (200, "ok\n"), 10, "recovered")
+            dropped = daemon.registry.get_sample_value(
+                "streamd_windows_dropped_total", {"stream": "cam", "reason": "model_error"}
+            )
+            assert dropped is not None
+            assert dropped >= 1
+            daemon.handle_exit(signal.SIGTERM, None)
+            assert await serving == ExitCode.OK
+    finally:
         if not serving.done():
             daemon.handle_exit(signal.SIGTERM, None)
             await asyncio.wait({serving}, timeout=10)

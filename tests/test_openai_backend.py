@@ -7,6 +7,7 @@ for the faults. They skip without ``.venv-mlx``, except under CI.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -18,11 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 from pydantic import SecretStr, ValidationError
 
 from streamd.config import BASE_DIR
 from streamd.domain import Frame, Prompt, ScoreRequest, Window
 from streamd.errors import ModelError
+from streamd.metrics import Metrics
 from streamd.scoring.base import ScoringBackend
 from streamd.scoring.openai_config import OpenAIModelConfig, resolve_api_key
 from streamd.scoring.openai_impl import JpegCache, OpenAIBackend
@@ -37,6 +40,7 @@ from streamd.scoring.openai_request import (
     user_content,
 )
 from streamd.scoring.prompt import PROFILES, render_video_prompt
+from streamd.scoring.runner import ModelRunner
 from tests.frames import bars
 from tests.openai_server import FaultProxy, MlxVlmServer, free_port, require_mlx_server
 
@@ -415,28 +419,76 @@ def test_scores_windows_in_order(backend: OpenAIBackend, caplog: pytest.LogCaptu
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # one tile a frame
 
 
-def test_concurrent_requests_are_all_answered(mlx_server: MlxVlmServer) -> None:
-    backend = _backend(mlx_server, mlx_server.model_id, max_in_flight=8)
-    backend.load()
+async def test_the_runner_keeps_requests_in_flight(mlx_server: MlxVlmServer) -> None:
+    # The runner, not the backend, keeps max_in_flight requests open: one window each, every
+    # one answered as soon as it returns.
+    backend = _backend(mlx_server, mlx_server.model_id, max_in_flight=4)
+    assert (backend.max_batch, backend.max_in_flight) == (1, 4)
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    runner = ModelRunner(backend, metrics, backend.config.stall_timeout_s)
+    await runner.start()
+    scheduler = asyncio.create_task(runner.run())
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, int(registry.get_sample_value("streamd_model_calls_in_flight") or 0))
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
     try:
-        assert backend.max_batch == 8
-        backend.warm_up()
         requests = [_request(f"cam{i}", 10 * i) for i in range(8)]
-        started = time.perf_counter()
-        for request in requests:
-            backend.score([request])
-        one_by_one = time.perf_counter() - started
-        requests = [_request(f"cam{i}", 10 * i + 100) for i in range(8)]
-        started = time.perf_counter()
-        scores = backend.score(requests)
-        together = time.perf_counter() - started
+        async with asyncio.timeout(60):
+            scores = await asyncio.gather(*(runner.score(r) for r in requests))
     finally:
-        backend.close()
+        watcher.cancel()
+        scheduler.cancel()
+        await asyncio.gather(watcher, scheduler, return_exceptions=True)
+        await runner.close()
     assert len(scores) == 8
     assert all(score.raw for score in scores)
-    logging.getLogger(__name__).info(
-        "8 windows of 4 frames: %.2fs one by one, %.2fs at once", one_by_one, together
-    )
+    assert peak > 1  # several requests were open at once
+    assert peak <= 4
+    prompt = registry.get_sample_value("streamd_model_tokens_total", {"type": "prompt"})
+    assert prompt is not None
+    assert prompt >= 8 * 4 * 29  # 4 frames of 29 tokens each, per window (measured)
+    calls = registry.get_sample_value("streamd_model_call_seconds_count")
+    assert calls is not None
+    assert calls >= 8
+
+
+async def test_unreachable_server_is_counted_and_shown_in_health(
+    mlx_server: MlxVlmServer,
+) -> None:
+    proxy = FaultProxy(mlx_server.port)
+    proxy.start()
+    try:
+        backend = _backend(proxy, mlx_server.model_id, timeout_s=2.0)
+        registry = CollectorRegistry()
+        runner = ModelRunner(backend, Metrics(registry), backend.config.stall_timeout_s)
+        await runner.start()
+        scheduler = asyncio.create_task(runner.run())
+        try:
+            proxy.stop()
+            with pytest.raises(ModelError, match="model server unreachable"):
+                await runner.score(_request("cam", 0))
+            assert runner.problem == "model server unreachable"
+            errors = registry.get_sample_value(
+                "streamd_model_errors_total", {"reason": "unreachable"}
+            )
+            assert errors == 1
+            proxy.start()
+            score = await runner.score(_request("cam", 0))
+            assert score.raw
+            assert runner.problem is None  # recovered by itself
+        finally:
+            scheduler.cancel()
+            await asyncio.gather(scheduler, return_exceptions=True)
+            await runner.close()
+    finally:
+        proxy.stop()
 
 
 def test_significance_from_the_servers_logprobs(

@@ -126,6 +126,58 @@ async def test_stall_fails_waiters_then_recovers(registry, scheduler) -> None:
     await runner.close()
 
 
+async def test_keeps_max_in_flight_calls_running_at_once(registry, scheduler) -> None:
+    backend = SlowBackend(max_in_flight=3)
+    backend.barrier = threading.Barrier(3)  # broken (an error) unless 3 calls overlap
+    runner = await started(backend, registry)
+    scheduler.append(asyncio.create_task(runner.run()))
+    async with asyncio.timeout(10):
+        scores = await asyncio.gather(*(runner.score(request(s)) for s in ("a", "b", "c")))
+    assert len(scores) == 3
+    assert sorted(stream for call in backend.calls for stream in call) == ["a", "b", "c"]
+    assert all(len(call) == 1 for call in backend.calls)  # max_batch 1: one window a call
+    await runner.close()
+
+
+async def test_a_slow_call_holds_up_no_other(registry, scheduler) -> None:
+    backend = SlowBackend(max_in_flight=2)
+    runner = await started(backend, registry)
+    scheduler.append(asyncio.create_task(runner.run()))
+    backend.hang.set()
+    stuck = asyncio.create_task(runner.score(request("slow")))
+    await eventually(lambda: backend.calls == [["slow"]])
+    backend.hang.clear()
+    async with asyncio.timeout(5):  # answered while "slow" is still in the model
+        for seq in range(1, 4):
+            await runner.score(request("fast", seq))
+    assert not stuck.done()
+    backend.release.set()
+    await asyncio.wait_for(stuck, 5)
+    await runner.close()
+
+
+async def test_model_errors_are_counted_by_reason_and_named_in_health(registry, scheduler) -> None:
+    class Unreachable(SlowBackend):
+        fail = True
+
+        def score(self, requests):
+            if self.fail:
+                raise ModelError("server gone", reason="unreachable", health="server gone")
+            return super().score(requests)
+
+    backend = Unreachable()
+    runner = await started(backend, registry)
+    scheduler.append(asyncio.create_task(runner.run()))
+    with pytest.raises(ModelError, match="server gone"):
+        await runner.score(request("a"))
+    assert runner.problem == "server gone"
+    assert registry.get_sample_value("streamd_model_errors_total", {"reason": "unreachable"}) == 1
+    backend.fail = False
+    await runner.score(request("a", 2))
+    assert runner.problem is None
+    await runner.close()
+
+
 async def test_load_failure_is_a_model_error(registry) -> None:
     class Broken(SlowBackend):
         def load(self) -> None:

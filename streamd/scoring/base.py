@@ -31,6 +31,15 @@ class ScoringBackend(Protocol):
         """How many windows one ``score`` call takes at most (1: no batching)."""
         ...
 
+    @property
+    def max_in_flight(self) -> int:
+        """How many ``score`` calls may run at once, each on its own thread.
+
+        1 for an in-process model (one call at a time, on one thread); a remote server takes
+        several and batches them itself.
+        """
+        ...
+
     def load(self) -> None:
         """Load weights; raise ``ModelError`` with a message naming the model and a fix."""
         ...

@@ -66,6 +66,11 @@ class MlxBackend:
         return side, side
 
     @property
+    def max_in_flight(self) -> int:
+        """One call at a time, on the model thread."""
+        return 1
+
+    @property
     def max_batch(self) -> int:
         """One window per ``score`` call."""
         return 1

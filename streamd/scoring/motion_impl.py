@@ -34,6 +34,11 @@ class MotionBackend:
         return INPUT_SIZE
 
     @property
+    def max_in_flight(self) -> int:
+        """One call at a time, on the model thread."""
+        return 1
+
+    @property
     def max_batch(self) -> int:
         """Windows per ``score`` call."""
         return 16

@@ -5,9 +5,11 @@ window as one request: its frames as JPEG ``image_url`` parts, labelled as SmolV
 prompt labels them (spec.md "Remote inference", issue 8). One ``score`` call sends all its
 windows at once, so the server batches them; ``max_batch`` is ``model.max_in_flight``.
 
-The ``ModelRunner`` calls every method from its one model thread. The HTTP client is async
-and lives on a private event loop that thread owns: ``score`` runs the loop until all of its
-requests are answered, which keeps blocking I/O off the daemon's loop.
+The HTTP client is async and lives on a private event loop with a thread of its own
+(``streamd-openai``), so no request touches the daemon's loop. The ``ModelRunner`` keeps
+``max_in_flight`` calls of one window each open at once, from its model threads: each
+``score`` hands its request to that loop and waits for the answer, and a slow request holds
+up no other.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Coroutine, Mapping, Sequence
@@ -54,6 +57,7 @@ INPUT_SIZE = (512, 512)
 JPEG_CACHE_FRAMES = 512
 """Frames whose JPEG is kept (~50 KB each): overlapping windows of many streams reuse them."""
 CONNECT_TIMEOUT_S = 10.0
+CLOSE_TIMEOUT_S = 5.0
 RETRY_WAIT_CAP_S = 10.0
 """Longest wait between retries of a busy server (429/503), whatever ``Retry-After`` says."""
 BUSY = frozenset({429, 503})
@@ -128,6 +132,7 @@ class OpenAIBackend:
         self._url = redact_url(config.base_url)
         self._secret = ""
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         self._client: httpx.AsyncClient | None = None
         self._warned_tiling = False
 
@@ -138,7 +143,12 @@ class OpenAIBackend:
 
     @property
     def max_batch(self) -> int:
-        """Windows one ``score`` call sends at once: ``model.max_in_flight``."""
+        """One window a call: the server batches the requests in flight itself."""
+        return 1
+
+    @property
+    def max_in_flight(self) -> int:
+        """Requests open at once: ``model.max_in_flight``."""
         return self.config.max_in_flight
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -154,7 +164,9 @@ class OpenAIBackend:
         self._secret = key.get_secret_value() if key is not None else ""
         headers = {"Authorization": f"Bearer {self._secret}"} if self._secret else {}
         timeout_s = self.config.timeout_s
-        self._loop = asyncio.new_event_loop()
+        self._loop = loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=loop.run_forever, name="streamd-openai", daemon=True)
+        self._thread.start()
         self._client = httpx.AsyncClient(
             base_url=self.config.base_url + "/",
             headers=headers,
@@ -187,15 +199,19 @@ class OpenAIBackend:
 
     def close(self) -> None:
         """Close the connections and the private event loop (idempotent)."""
-        loop, client = self._loop, self._client
-        self._loop, self._client = None, None
+        loop, client, thread = self._loop, self._client, self._thread
+        self._loop, self._client, self._thread = None, None, None
         if loop is None:
             return
         try:
             if client is not None:
-                loop.run_until_complete(client.aclose())
+                asyncio.run_coroutine_threadsafe(client.aclose(), loop).result(CLOSE_TIMEOUT_S)
         finally:
-            loop.close()
+            loop.call_soon_threadsafe(loop.stop)
+            if thread is not None:
+                thread.join(CLOSE_TIMEOUT_S)
+            if not loop.is_running():
+                loop.close()
 
     # --- scoring ------------------------------------------------------------------------------
 
@@ -207,7 +223,7 @@ class OpenAIBackend:
                 this call's windows and the next call tries again.
         """
         loop = loaded(self._loop, self.model_id)
-        return loop.run_until_complete(self._score_all(requests))
+        return asyncio.run_coroutine_threadsafe(self._score_all(requests), loop).result()
 
     async def _score_all(self, requests: Sequence[ScoreRequest]) -> list[Score]:
         started = time.perf_counter()
@@ -257,6 +273,8 @@ class OpenAIBackend:
                 generate_s=timings[1],
                 vision_hits=item.hits,
                 vision_misses=item.misses,
+                prompt_tokens=completion.prompt_tokens or 0,
+                completion_tokens=completion.completion_tokens or 0,
             ),
             best_frame=best_frame_index(frames),
         )
@@ -278,7 +296,8 @@ class OpenAIBackend:
     # --- HTTP ---------------------------------------------------------------------------------
 
     def _run(self, coroutine: Coroutine[object, object, list[str]]) -> list[str]:
-        return loaded(self._loop, self.model_id).run_until_complete(coroutine)
+        loop = loaded(self._loop, self.model_id)
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result()
 
     async def _served_models(self) -> list[str]:
         response = await self._send("GET", "models", None)
@@ -309,14 +328,16 @@ class OpenAIBackend:
             busy = f" (busy: {status})" if status in BUSY else ""
             raise ModelError(
                 f"model server {self._url} gave no answer within {self.config.timeout_s:g}s"
-                f"{busy}: raise model.timeout_s or lower the load"
+                f"{busy}: raise model.timeout_s or lower the load",
+                reason="busy" if busy else "timeout",
             ) from None
         if response.status_code in REJECTED:
             message = self._scrub(error_message(self._json_or_none(response), response.text))
             raise ModelError(
                 f"the model server rejected a window of {frames} frames"
                 f" ({response.status_code}: {message}): lower window_s or sample_fps so a"
-                " window holds fewer frames, or raise the server's image and context limits"
+                " window holds fewer frames, or raise the server's image and context limits",
+                reason="rejected",
             )
         self._check(response, "on a window")
         return self._json(response)
@@ -330,20 +351,27 @@ class OpenAIBackend:
                 raise self._unreachable(exc) from None
             raise ModelError(
                 f"model server {self._url} gave no answer within {self.config.timeout_s:g}s:"
-                " raise model.timeout_s or lower the load"
+                " raise model.timeout_s or lower the load",
+                reason="timeout",
             ) from None
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from None
 
     def _unreachable(self, exc: Exception) -> ModelError:
-        return ModelError(f"model server unreachable: {self._url} ({self._scrub(first_line(exc))})")
+        return ModelError(
+            f"model server unreachable: {self._url} ({self._scrub(first_line(exc))})",
+            reason="unreachable",
+            health="model server unreachable",
+        )
 
     def _check(self, response: httpx.Response, during: str) -> None:
         status = response.status_code
         if status in REFUSED:
             raise ModelError(
                 f"the server at {self._url} refused the API key ({status}) {during}: set"
-                f" model.api_key_file (or ${API_KEY_ENV}) to a key it accepts"
+                f" model.api_key_file (or ${API_KEY_ENV}) to a key it accepts",
+                reason="refused",
+                health="model server refused the API key",
             )
         if not response.is_success:
             message = self._scrub(error_message(self._json_or_none(response), response.text))

@@ -34,11 +34,14 @@ class _Job:
 class ModelRunner:
     """The one place the model runs.
 
-    The backend is loaded, warmed up and called on a single dedicated thread
-    (``streamd-model``), so backends need no locking and the event loop never blocks on
-    inference. Each pipeline has at most one window waiting here at a time (its own mailbox
-    holds the next), so serving the queue in arrival order is round-robin across streams;
-    up to ``backend.max_batch`` waiting windows of different streams go in one call.
+    The backend is loaded, warmed up and called on dedicated threads (``streamd-model``), so
+    the event loop never blocks on inference. An in-process model takes one call at a time
+    (``max_in_flight`` 1: one thread, no locking needed); a remote one takes
+    ``backend.max_in_flight`` calls at once, each answered as soon as it returns, so a slow
+    request does not hold up the others. Each pipeline has at most one window waiting here at
+    a time (its own mailbox holds the next), so serving the queue in arrival order is
+    round-robin across streams; up to ``backend.max_batch`` waiting windows of different
+    streams go in one call.
 
     A call that outlives ``timeout_s`` cannot be killed: the runner marks itself stalled, fails
     every waiter with ``ModelError`` and accepts nothing until the stuck call returns.
@@ -51,14 +54,20 @@ class ModelRunner:
         self.timeout_s = timeout_s
         self._metrics = metrics
         self._warm_up = warm_up
+        self._slots = max(1, backend.max_in_flight)
         self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="streamd-model"
+            max_workers=self._slots, thread_name_prefix="streamd-model"
         )
         self._queue: deque[_Job] = deque()
         self._wake = asyncio.Event()
         self.ready = False
-        self._in_flight: concurrent.futures.Future[list[Score]] | None = None
+        self._calls: set[concurrent.futures.Future[list[Score]]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self.stalled_since: float | None = None
+        # The last call's failure when the backend named one for /healthz ("model server
+        # unreachable"); None once a call succeeds.
+        self.problem: str | None = None
+        metrics.model_calls_in_flight.set_function(lambda: len(self._calls))
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -99,7 +108,9 @@ class ModelRunner:
         self.ready = False
         self._metrics.model_ready.set(0)
         self._fail_queue(ModelError("model runner closed"))
-        busy = self._in_flight is not None and not self._in_flight.done()
+        busy = any(not call.done() for call in self._calls)
+        for task in self._tasks:
+            task.cancel()
         if not busy:  # a call still running (stuck, or cut short by shutdown) keeps the thread
             await self._close_backend()
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -133,10 +144,21 @@ class ModelRunner:
     async def run(self) -> None:
         """The scheduler task: take waiting windows in arrival order, batch, score, answer."""
         while True:
-            while not self._queue or self.stalled_since is not None:
+            while (
+                not self._queue or self.stalled_since is not None or len(self._tasks) >= self._slots
+            ):
                 self._wake.clear()
                 await self._wake.wait()
-            await self._serve(self._take_batch())
+            batch = self._take_batch()
+            if not batch:
+                continue
+            task = asyncio.create_task(self._serve(batch), name="streamd.model.call")
+            self._tasks.add(task)
+            task.add_done_callback(self._call_done)
+
+    def _call_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._wake.set()  # a slot is free
 
     def _take_batch(self) -> list[_Job]:
         batch: list[_Job] = []
@@ -163,18 +185,31 @@ class ModelRunner:
             self._metrics.stage_seconds.labels(stage="queue").observe(now - job.enqueued)
         requests = [job.request for job in batch]
         call = self._executor.submit(self.backend.score, requests)
-        self._in_flight = call
+        self._calls.add(call)
+        call.add_done_callback(self._calls.discard)
+        started = time.monotonic()
         try:
             async with asyncio.timeout(self.timeout_s):
                 scores = await asyncio.wrap_future(call, loop=loop)
         except TimeoutError:
+            self._metrics.model_errors.labels(reason="stalled").inc()
             self._stall(call, batch)
             return
-        except Exception as exc:  # the backend failed on these windows: fail them, go on
+        except ModelError as exc:  # the backend's own one-line account; pipelines log it
+            self._metrics.model_errors.labels(reason=exc.reason).inc()
+            self.problem = exc.health
+            for job in batch:
+                _fail(job, exc)
+            return
+        except Exception as exc:  # a bug or an unexpected library error: the traceback helps
             logger.exception("model failed on %d window(s)", len(batch))
+            self._metrics.model_errors.labels(reason="error").inc()
             for job in batch:
                 _fail(job, ModelError(f"model failed: {exc}"))
             return
+        finally:
+            self._metrics.model_call_seconds.observe(time.monotonic() - started)
+        self.problem = None
         if len(scores) != len(batch):
             for job in batch:
                 _fail(job, ModelError("backend returned the wrong number of scores"))
@@ -193,6 +228,9 @@ class ModelRunner:
         stage.labels(stage="generate").observe(timings.generate_s)
         self._metrics.vision_cache_hits.inc(sum(s.timings.vision_hits for s in scores))
         self._metrics.vision_cache_misses.inc(sum(s.timings.vision_misses for s in scores))
+        tokens = self._metrics.model_tokens
+        tokens.labels(type="prompt").inc(sum(s.timings.prompt_tokens for s in scores))
+        tokens.labels(type="completion").inc(sum(s.timings.completion_tokens for s in scores))
 
     def _stall(self, call: concurrent.futures.Future[list[Score]], batch: list[_Job]) -> None:
         self.stalled_since = time.monotonic()

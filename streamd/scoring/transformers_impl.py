@@ -78,6 +78,11 @@ class TransformersBackend:
         return side, side
 
     @property
+    def max_in_flight(self) -> int:
+        """One call at a time, on the model thread."""
+        return 1
+
+    @property
     def max_batch(self) -> int:
         """Most windows one ``score`` call takes."""
         return self._max_batch
