@@ -7,6 +7,7 @@ import logging
 import math
 import sys
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ import av.error
 from prometheus_client import CollectorRegistry
 
 from streamd.config import ModelSection, StreamConfig
-from streamd.domain import ScoreRequest, Window
+from streamd.domain import Score, ScoreRequest, Window
 from streamd.errors import SourceError
 from streamd.ingest import PyAVSource
 from streamd.log import printable
@@ -315,21 +316,37 @@ async def _score_file(
     total = expected_windows(info.duration_s, stream.window_s, stream.stride_s)
     progress = ProgressBar(total, out)
     windows = windows_from(ring, windower)
+    # A model server takes several windows at once (max_in_flight): keep that many open, and
+    # record them in time order. In-process models take one, which is plain one-by-one.
+    limit = max(1, runner.backend.max_in_flight)
+    in_flight: deque[tuple[Window, asyncio.Task[Score]]] = deque()
+
+    async def record_oldest() -> None:
+        window, task = in_flight.popleft()
+        score = await task
+        span = _span(window, score.significance, score.description, info.duration_s)
+        analysis.spans.append(span)
+        logger.debug(
+            "window %s: %s %s",
+            format_span(span.start_s, span.end_s),
+            span.significance,
+            printable(span.description),
+        )
+        progress.advance()
+
     source.start()
     try:
         async for window in windows:
             request = ScoreRequest(window, prompt, describe_below=stream.min_significance)
-            score = await runner.score(request)
-            span = _span(window, score.significance, score.description, info.duration_s)
-            analysis.spans.append(span)
-            logger.debug(
-                "window %s: %s %s",
-                format_span(span.start_s, span.end_s),
-                span.significance,
-                printable(span.description),
-            )
-            progress.advance()
+            in_flight.append((window, asyncio.create_task(runner.score(request))))
+            if len(in_flight) >= limit:
+                await record_oldest()
+        while in_flight:
+            await record_oldest()
     finally:
+        for _, task in in_flight:
+            task.cancel()
+        await asyncio.gather(*(task for _, task in in_flight), return_exceptions=True)
         progress.close()
         source.stop()
         if isinstance(windows, AsyncGenerator):

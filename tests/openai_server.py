@@ -132,6 +132,7 @@ class FaultProxy:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
         self.answered = 0
+        self.accepted = 0  # connections: a client keeping N requests open opens N
         self._lock = threading.Lock()
         self._canned: tuple[int, dict[str, str], int] | None = None
         self._listener: socket.socket | None = None
@@ -187,6 +188,7 @@ class FaultProxy:
                 return
             with self._lock:
                 self._sockets.append(client)
+                self.accepted += 1
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _take_canned(self) -> tuple[int, dict[str, str]] | None:

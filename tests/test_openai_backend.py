@@ -22,9 +22,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr, ValidationError
 
+from streamd import cli
 from streamd.config import BASE_DIR
 from streamd.domain import Frame, Prompt, ScoreRequest, Window
-from streamd.errors import ModelError
+from streamd.errors import ExitCode, ModelError
+from streamd.highlights import expected_windows
 from streamd.metrics import Metrics
 from streamd.scoring.base import ScoringBackend
 from streamd.scoring.openai_config import OpenAIModelConfig, resolve_api_key
@@ -42,6 +44,7 @@ from streamd.scoring.openai_request import (
 from streamd.scoring.prompt import PROFILES, render_video_prompt
 from streamd.scoring.runner import ModelRunner
 from tests.frames import bars
+from tests.media import ClipSet
 from tests.openai_server import FaultProxy, MlxVlmServer, free_port, require_mlx_server
 
 KEY = "sk-streamd-test-0123456789abcdef"
@@ -650,3 +653,41 @@ def test_the_key_never_shows(
     messages += [record.getMessage() for record in caplog.records]
     assert len(messages) > 8
     assert not [message for message in messages if KEY in message]
+
+
+@pytest.mark.parametrize("in_flight", [1, 4])
+def test_analyze_keeps_windows_in_flight_on_a_model_server(
+    mlx_server: MlxVlmServer, clips: ClipSet, tmp_path: Path, in_flight: int
+) -> None:
+    with FaultProxy(mlx_server.port) as proxy:
+        out = tmp_path / "result.json"
+        argv = [
+            "analyze",
+            str(clips.motion.path),
+            "--backend",
+            "openai",
+            "--base-url",
+            proxy.base_url,
+            "--model",
+            mlx_server.model_id,
+            "--max-in-flight",
+            str(in_flight),
+            "--window-s",
+            "2",
+            "--overlap-s",
+            "1",
+            "--max-new-tokens",
+            "4",
+            "--json",
+            str(out),
+        ]
+        assert cli.main(argv) == ExitCode.OK
+        accepted = proxy.accepted
+    result = json.loads(out.read_text())
+    assert result["complete"] is True
+    assert result["windows"] == expected_windows(clips.motion.duration_s, 2, 1)
+    # Sequential requests reuse one kept-alive connection; overlapping ones need their own.
+    if in_flight == 1:
+        assert accepted <= 3  # one kept-alive connection, or a few if the server closed one
+    else:
+        assert accepted > 2
