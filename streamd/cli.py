@@ -17,19 +17,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, cast
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from streamd import __version__
 from streamd.config import (
     BACKEND_NAMES,
     DEFAULT_MODEL_ID,
-    DTYPES,
     LOG_FORMATS,
     LOG_LEVELS,
     PROFILES,
-    ModelConfig,
     ModelSection,
-    OpenAIModelConfig,
     StreamConfig,
     format_validation_error,
     load_config,
@@ -37,6 +34,7 @@ from streamd.config import (
 )
 from streamd.errors import ConfigError, ExitCode, ModelError, SourceError, StreamdError
 from streamd.log import setup_logging
+from streamd.scoring.registry import cli_options, spec_of
 
 if TYPE_CHECKING:
     from streamd import highlights
@@ -119,15 +117,17 @@ def _analyze_args(parser: argparse.ArgumentParser) -> None:
         help="default: mlx on Apple Silicon with mlx-vlm installed, else transformers",
     )
     add("--model", default=DEFAULT_MODEL_ID, metavar="ID_OR_DIR", help="hub id or local directory")
-    add("--device", default="auto", help="auto | cuda | cuda:N | mps | cpu")
-    add("--dtype", default="auto", choices=DTYPES)
     add("--max-new-tokens", type=int, default=64, help="longest description (default 64)")
-    remote = parser.add_argument_group("--backend openai (a server speaking the OpenAI API)")
-    remote.add_argument("--base-url", default=None, metavar="URL", help="e.g. http://gpu:8000/v1")
-    remote.add_argument(
-        "--api-key-file", default=None, metavar="FILE", help="default: $OPENAI_API_KEY, if set"
-    )
-    remote.add_argument("--max-in-flight", type=int, default=8, help="requests at once (8)")
+    # Each backend's own flags, from the registry: a new backend adds its flags there.
+    for option, backends in cli_options().values():
+        add(
+            option.flag,
+            dest=option.key,
+            default=None,
+            metavar=option.metavar,
+            choices=option.choices,
+            help=f"{option.help} [{', '.join(backends)}]",
+        )
     add("--window-s", type=float, default=30.0, help="window length (default 30)")
     add("--overlap-s", type=float, default=5.0, help="overlap of consecutive windows (default 5)")
     add("--sample-fps", type=float, default=1.0, help="frames per second analysed (default 1)")
@@ -276,30 +276,48 @@ def _analyze_configs(args: argparse.Namespace) -> tuple[StreamConfig, ModelSecti
     except ValidationError as exc:
         problems += _flag_problems(exc)
     try:
-        model = _model_config(args)
+        built = _model_config(args)
     except ValidationError as exc:
         problems += _flag_problems(exc)
+    else:
+        if isinstance(built, list):
+            problems += built
+        else:
+            model = built
     if problems or stream is None or model is None:
         return problems
     return _output_problems(args) or (stream, model)
 
 
-def _model_config(args: argparse.Namespace) -> ModelSection:
-    """The ``model:`` section the flags describe (each backend takes its own flags)."""
-    if args.backend == "openai":
-        remote: dict[str, object] = {"max_in_flight": args.max_in_flight}
-        if args.base_url is not None:
-            remote["base_url"] = args.base_url
-        if args.api_key_file is not None:
-            remote["api_key_file"] = args.api_key_file
-        return OpenAIModelConfig(id=args.model, max_new_tokens=args.max_new_tokens, **remote)
-    return ModelConfig(
-        backend=args.backend,
-        id=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        max_new_tokens=args.max_new_tokens,
-    )
+def _model_config(args: argparse.Namespace) -> ModelSection | list[str]:
+    """The ``model:`` section the flags describe, validated by its own model.
+
+    Each backend takes the flags the registry lists for it; another backend's flag is a
+    mistake worth saying (``--device`` means nothing to a remote server).
+    """
+    spec = spec_of(args.backend)
+    section: dict[str, object] = {
+        "backend": args.backend,
+        "id": args.model,
+        "max_new_tokens": args.max_new_tokens,
+    }
+    problems = []
+    for option, backends in cli_options().values():
+        value = getattr(args, option.key)
+        if value is None:
+            continue
+        if option not in spec.options:
+            problems.append(
+                f"{option.flag}: does not apply to --backend {args.backend}"
+                f" (only to {', '.join(backends)})"
+            )
+        section[option.key] = value
+    if problems:
+        return problems
+    return _MODEL_SECTION.validate_python(section)
+
+
+_MODEL_SECTION: TypeAdapter[ModelSection] = TypeAdapter(ModelSection)
 
 
 def _flag_problems(exc: ValidationError) -> list[str]:

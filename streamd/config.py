@@ -437,6 +437,8 @@ def format_validation_error(exc: ValidationError, prefix: str) -> list[str]:
         loc = error["loc"]
         if len(loc) > 1 and loc[0] == "model" and loc[1] in BACKEND_CHOICES:
             loc = (loc[0], *loc[2:])  # the union's tag is not a key of the file
+        elif loc and loc[0] in BACKEND_CHOICES:
+            loc = loc[1:]  # the same, for the model section validated on its own
         if error["type"] == "union_tag_invalid":
             loc = (*loc, "backend")
         for part in loc:

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from streamd.cli import _analyze_knobs, main
+from streamd.errors import ExitCode
+from streamd.scoring.registry import BACKENDS as REGISTRY
 from tests.media import ClipSet
 
 REPO = Path(__file__).resolve().parent.parent
@@ -164,3 +166,40 @@ def test_check_config_hides_awkward_passwords(tmp_path: Path) -> None:
 )
 def test_analyze_names_its_own_flags(message: str, shown: str) -> None:
     assert _analyze_knobs(message) == shown
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["--backend", "openai", "--device", "cpu"],
+            "--device: does not apply to --backend openai (only to transformers, mlx, motion)",
+        ),
+        (
+            ["--backend", "motion", "--base-url", "http://gpu:8000/v1"],
+            "--base-url: does not apply to --backend motion (only to openai)",
+        ),
+        (
+            ["--backend", "openai", "--max-in-flight", "0"],
+            "--max-in-flight: input should be greater than or equal to 1",
+        ),
+        (
+            ["--backend", "openai", "--base-url", "gpu:8000"],
+            "--base-url: must be an http:// or https:// URL, not 'gpu:8000'",
+        ),
+    ],
+)
+def test_each_backend_takes_its_own_flags(
+    clips: ClipSet, capsys: pytest.CaptureFixture[str], args: list[str], expected: str
+) -> None:
+    assert main(["analyze", str(clips.static.path), *args]) == ExitCode.USAGE
+    assert capsys.readouterr().err.splitlines() == [f"streamd analyze: {expected}"]
+
+
+def test_backend_flags_come_from_the_registry(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["analyze", "--help"])
+    text = capsys.readouterr().out
+    for spec in REGISTRY.values():
+        for option in spec.options:
+            assert option.flag in text
