@@ -23,10 +23,10 @@ from streamd.domain import Frame, Prompt, ScoreRequest, Window
 from streamd.errors import ModelError
 from streamd.scoring.base import ScoringBackend
 from streamd.scoring.prompt import DESCRIPTION_PREFIX, PROFILES, clean_description, parse_answer
-from streamd.scoring.smolvlm import best_frame_index, find_digit_tokens, plain_encoder
+from streamd.scoring.smolvlm.checkpoint import best_frame_index, find_digit_tokens, plain_encoder
+from streamd.scoring.smolvlm.vision_cache import FrameFeatureCache
 from streamd.scoring.transformers_checkpoint import resolve_dtype
 from streamd.scoring.transformers_impl import TransformersBackend
-from streamd.scoring.vision_cache import FrameFeatureCache
 from tests.tiny_smolvlm import (
     IMAGE_SEQ_LEN,
     IMAGE_SIZE,

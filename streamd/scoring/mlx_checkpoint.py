@@ -17,8 +17,8 @@ from mlx import nn
 from streamd.config import ModelConfig
 from streamd.errors import ModelError
 from streamd.log import adopt_library_loggers
-from streamd.scoring import smolvlm
-from streamd.scoring.smolvlm import Normalization, SmolVLMFacts
+from streamd.scoring.smolvlm import checkpoint as smolvlm
+from streamd.scoring.smolvlm.checkpoint import Normalization, SmolVLMFacts
 
 # transformers and huggingface_hub install handlers of their own: log through streamd's.
 adopt_library_loggers()

@@ -17,10 +17,11 @@ from mlx_vlm.models.cache import make_prompt_cache
 from streamd.config import ModelConfig
 from streamd.domain import Score, ScoreRequest, StageTimings, Window
 from streamd.errors import ModelError
-from streamd.scoring import readout, smolvlm
 from streamd.scoring.mlx_checkpoint import MlxCheckpoint, load_checkpoint
 from streamd.scoring.prompt import clean_description
-from streamd.scoring.smolvlm import DEFAULT_MIN_DIGIT_MASS
+from streamd.scoring.smolvlm import checkpoint as smolvlm
+from streamd.scoring.smolvlm.checkpoint import DEFAULT_MIN_DIGIT_MASS
+from streamd.scoring.smolvlm.reader import Answer, AnswerReader
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class MlxBackend:
         self._config = config
         self._min_digit_mass = min_digit_mass
         self._checkpoint: MlxCheckpoint | None = None
+        self._reader: AnswerReader | None = None
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -93,6 +95,9 @@ class MlxBackend:
         if self._config.device == "cpu":
             mx.set_default_device(mx.cpu)
         self._checkpoint = load_checkpoint(self._config)
+        self._reader = AnswerReader.of(
+            self._checkpoint, self._min_digit_mass, self._config.max_new_tokens
+        )
         mode = (
             f"digit logits after {self._checkpoint.digits.lead!r}"
             if self._checkpoint.digits
@@ -159,6 +164,7 @@ class MlxBackend:
     def close(self) -> None:
         """Drop the model and hand its memory back."""
         self._checkpoint = None
+        self._reader = None
         gc.collect()
         mx.clear_cache()
 
@@ -172,7 +178,9 @@ class MlxBackend:
         started = time.perf_counter()
         text = self._generate(checkpoint, cache, logits, answer) if answer.generate else ""
         generate_s = time.perf_counter() - started
-        significance, description, raw = readout.read_answer(answer, text)
+        significance, description, raw = smolvlm.loaded(self._reader, self.model_id).read(
+            answer, text
+        )
         if answer.free_text:  # parsed descriptions are cleaned once more (JSON ones at all)
             description = clean_description(description)
         frames = request.window.frames
@@ -202,26 +210,26 @@ class MlxBackend:
         cache: list[_LayerCache],
         logits: mx.array,
         request: ScoreRequest,
-    ) -> readout.Answer:
+    ) -> Answer:
         """The most likely complete answer "1".."10" (what the transformers backend picks)."""
+        answers_of = smolvlm.loaded(self._reader, self.model_id)
         digits = checkpoint.digits
         if digits is None:
-            return readout.free_text_answer(None)
+            return answers_of.start(None)
         p = _softmax(_numpy(logits))[list(digits.digit_ids)].tolist()
-        answer = readout.first_digit(digits, p, self._min_digit_mass)
+        answer = answers_of.start(p)
         if answer.free_text:
             return answer
         fed_one = False
         # "10" is "1" then "0": one step more tells 1 from 10
-        if readout.wants_one_or_ten(answer, p):
+        if answers_of.wants_one_or_ten(answer, p):
             after_one = _numpy(_forward(checkpoint, [digits.digit_ids[1]], cache))
             p_zero = float(_softmax(after_one)[digits.digit_ids[0]])
-            answer.significance = readout.one_or_ten(p, p_zero, answer.significance or 2)
-            fed_one = answer.significance in (1, 10)
+            fed_one = answers_of.settle(answer, p, p_zero)
             if not fed_one:
                 for layer_cache in cache:
                     layer_cache.trim(1)
-        readout.finish_answer(answer, digits, fed_one, request.describe_below)
+        answers_of.finish(answer, fed_one, request.describe_below)
         return answer
 
     def _generate(
@@ -229,20 +237,18 @@ class MlxBackend:
         checkpoint: MlxCheckpoint,
         cache: list[_LayerCache],
         logits: mx.array,
-        answer: readout.Answer,
+        answer: Answer,
     ) -> str:
         """Greedy decode after feeding ``answer.feed``; one line unless free text."""
-        limit = readout.token_limit(answer, self._config.max_new_tokens)
+        answers_of = smolvlm.loaded(self._reader, self.model_id)
+        limit = answers_of.limit(answer)
         if answer.feed:
             logits = _forward(checkpoint, answer.feed, cache)
         tokens: list[int] = []
-        stops, newlines = checkpoint.stop_ids, checkpoint.newline_ids
-        while readout.take_token(
-            answer, tokens, int(mx.argmax(logits).item()), limit, stops, newlines
-        ):
+        while answers_of.take(answer, tokens, int(mx.argmax(logits).item()), limit):
             logits = _forward(checkpoint, [tokens[-1]], cache)
-        text = checkpoint.tokenizer.decode(tokens, skip_special_tokens=True)
-        return readout.generated_text(answer, text)
+        text: str = checkpoint.tokenizer.decode(tokens, skip_special_tokens=True)
+        return text
 
 
 def _forward(checkpoint: MlxCheckpoint, ids: list[int], cache: list[_LayerCache]) -> mx.array:

@@ -42,7 +42,7 @@ from streamd.scoring.openai_request import (
     served_model_ids,
     user_content,
 )
-from streamd.scoring.smolvlm import (
+from streamd.scoring.smolvlm.checkpoint import (
     DEFAULT_MIN_DIGIT_MASS,
     best_frame_index,
     first_line,

@@ -25,8 +25,8 @@ from streamd.scoring.prompt import (
     number_to_words,
     parse_answer,
 )
-from streamd.scoring.readout import one_or_ten
-from streamd.scoring.smolvlm import DEFAULT_MIN_DIGIT_MASS
+from streamd.scoring.smolvlm.checkpoint import DEFAULT_MIN_DIGIT_MASS
+from streamd.scoring.smolvlm.reader import one_or_ten
 
 JPEG_QUALITY = 90
 TOP_LOGPROBS = 20

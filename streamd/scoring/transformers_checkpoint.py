@@ -24,9 +24,9 @@ from transformers.utils.hub import cached_file
 from streamd.config import ModelConfig
 from streamd.errors import ModelError
 from streamd.log import adopt_library_loggers
-from streamd.scoring import smolvlm
 from streamd.scoring.prompt import VideoTokens
-from streamd.scoring.smolvlm import SmolVLMFacts
+from streamd.scoring.smolvlm import checkpoint as smolvlm
+from streamd.scoring.smolvlm.checkpoint import SmolVLMFacts
 from streamd.scoring.torch_cpu import amx_available
 
 # transformers and huggingface_hub install handlers of their own: log through streamd's.

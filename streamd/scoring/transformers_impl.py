@@ -13,10 +13,15 @@ import torch
 from streamd.config import ModelConfig
 from streamd.domain import Score, ScoreRequest, StageTimings
 from streamd.errors import ModelError
-from streamd.scoring import readout, smolvlm
-from streamd.scoring.smolvlm import DEFAULT_MIN_DIGIT_MASS, WARM_UP_STREAM, DigitTokens
+from streamd.scoring.smolvlm import checkpoint as smolvlm
+from streamd.scoring.smolvlm.checkpoint import DEFAULT_MIN_DIGIT_MASS, WARM_UP_STREAM, DigitTokens
+from streamd.scoring.smolvlm.reader import Answer, AnswerReader
+from streamd.scoring.smolvlm.vision_cache import (
+    DEFAULT_CAPACITY_FRAMES,
+    FrameEncoder,
+    FrameFeatureCache,
+)
 from streamd.scoring.transformers_checkpoint import Checkpoint, load_checkpoint
-from streamd.scoring.vision_cache import DEFAULT_CAPACITY_FRAMES, FrameEncoder, FrameFeatureCache
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +74,7 @@ class TransformersBackend:
         self._min_digit_mass = min_digit_mass
         self.cache = FrameFeatureCache(cache_capacity)
         self._checkpoint: Checkpoint | None = None
+        self._reader: AnswerReader | None = None
         self._encoder: FrameEncoder | None = None
 
     @property
@@ -106,6 +112,9 @@ class TransformersBackend:
         """Load the checkpoint; raises ``ModelError`` with one line naming the model and a fix."""
         checkpoint = load_checkpoint(self._config)
         self._checkpoint = checkpoint
+        self._reader = AnswerReader.of(
+            checkpoint, self._min_digit_mass, self._config.max_new_tokens
+        )
         self._encoder = FrameEncoder(
             checkpoint.model.model.get_image_features,
             checkpoint.normalization,
@@ -181,6 +190,7 @@ class TransformersBackend:
         """Drop the model and the cached features, and hand the memory back."""
         device = self._checkpoint.device if self._checkpoint else None
         self._checkpoint = None
+        self._reader = None
         self._encoder = None
         self.cache.clear()
         gc.collect()
@@ -203,7 +213,7 @@ class TransformersBackend:
         generate_s = time.perf_counter() - started
         scores = []
         for i, (request, answer, text) in enumerate(zip(requests, answers, generated, strict=True)):
-            significance, description, raw = readout.read_answer(answer, text)
+            significance, description, raw = self._answer_reader().read(answer, text)
             timings = StageTimings(
                 encoded.seconds, prefill_s, generate_s, encoded.hits[i], encoded.misses[i]
             )
@@ -271,68 +281,62 @@ class TransformersBackend:
 
     def _read_scores(
         self, checkpoint: Checkpoint, state: _DecodeState, requests: Sequence[ScoreRequest]
-    ) -> list[readout.Answer]:
+    ) -> list[Answer]:
         """Pick each row's most likely complete answer, "1" to "10", from the digit logits."""
+        answers_of = self._answer_reader()
         digits = checkpoint.digits
         if digits is None:
-            return [readout.free_text_answer(None) for _ in requests]
+            return [answers_of.start(None) for _ in requests]
         probs = state.logits.softmax(-1)[:, list(digits.digit_ids)].tolist()
-        answers = [readout.first_digit(digits, p, self._min_digit_mass) for p in probs]
+        answers = [answers_of.start(p) for p in probs]
         # "10" is "1" then "0": only when "1" beats every other first digit does one extra step
         # tell 1 from 10, and both may still lose to that digit (P(1) = P(10) + P(1, not 0)).
-        check = [readout.wants_one_or_ten(a, p) for a, p in zip(answers, probs, strict=True)]
+        check = [answers_of.wants_one_or_ten(a, p) for a, p in zip(answers, probs, strict=True)]
         keeps_one = [False] * len(answers)
         if any(check):
             self._extend(checkpoint, state, [[digits.digit_ids[1]] if c else [] for c in check])
             p_zero = state.logits.softmax(-1)[:, digits.digit_ids[0]].tolist()
             for row, answer in enumerate(answers):
                 if check[row]:
-                    keeps_one[row] = _settle_one_or_ten(state, row, answer, probs[row], p_zero[row])
+                    keeps_one[row] = answers_of.settle(answer, probs[row], p_zero[row])
+                    if not keeps_one[row]:
+                        _hide_one(state, row)
         for row, (answer, request) in enumerate(zip(answers, requests, strict=True)):
-            readout.finish_answer(answer, digits, keeps_one[row], request.describe_below)
+            answers_of.finish(answer, keeps_one[row], request.describe_below)
         return answers
 
     def _generate(
-        self, checkpoint: Checkpoint, state: _DecodeState, answers: list[readout.Answer]
+        self, checkpoint: Checkpoint, state: _DecodeState, answers: list[Answer]
     ) -> list[str]:
         """Greedy decode of every row that wants text, each stopping on its own."""
         if not any(answer.generate for answer in answers):
             return ["" for _ in answers]
         self._extend(checkpoint, state, [a.feed if a.generate else [] for a in answers])
-        limits = [readout.token_limit(answer, self._config.max_new_tokens) for answer in answers]
+        answers_of = self._answer_reader()
+        limits = [answers_of.limit(answer) for answer in answers]
         active = [answer.generate for answer in answers]
         tokens: list[list[int]] = [[] for _ in answers]
-        stops, newlines = checkpoint.stop_ids, checkpoint.newline_ids
         while any(active):
             choices = state.logits.argmax(-1).tolist()
             for row, token in enumerate(choices):
                 if active[row]:
-                    active[row] = readout.take_token(
-                        answers[row], tokens[row], token, limits[row], stops, newlines
-                    )
+                    active[row] = answers_of.take(answers[row], tokens[row], token, limits[row])
             if any(active):
                 feeds = [[tokens[row][-1]] if active[row] else [] for row in range(len(answers))]
                 self._extend(checkpoint, state, feeds)
-        texts = checkpoint.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        return [
-            readout.generated_text(answer, text)
-            for text, answer in zip(texts, answers, strict=True)
-        ]
+        texts: list[str] = checkpoint.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        return texts
 
     # --- plumbing ---------------------------------------------------------------------------
 
     def _loaded(self) -> Checkpoint:
         return smolvlm.loaded(self._checkpoint, self.model_id)
 
+    def _answer_reader(self) -> AnswerReader:
+        return smolvlm.loaded(self._reader, self.model_id)
 
-def _settle_one_or_ten(
-    state: _DecodeState, row: int, answer: readout.Answer, p: list[float], p_zero: float
-) -> bool:
-    """Choose 1, 10 or the best other digit, with "1" already fed; True if the "1" stays."""
-    answer.significance = readout.one_or_ten(p, p_zero, answer.significance or 2)
-    if answer.significance in (1, 10):
-        return True
-    # Hide the "1" again: masked out for good, its position id reused by the real digit.
+
+def _hide_one(state: _DecodeState, row: int) -> None:
+    """Hide the "1" fed to tell 1 from 10: masked out for good, its position id reused."""
     state.mask[row, -1] = 0
     state.next_position[row] -= 1
-    return False

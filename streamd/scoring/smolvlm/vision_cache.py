@@ -12,7 +12,7 @@ import torch
 
 from streamd.domain import Frame, Image, Window
 from streamd.errors import ModelError
-from streamd.scoring.smolvlm import Normalization
+from streamd.scoring.smolvlm.checkpoint import Normalization
 
 FrameKey = tuple[str, int]
 """``(stream, frame.index)``: frame indices are never reused within a stream."""

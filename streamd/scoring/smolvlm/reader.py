@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from streamd.scoring.prompt import DESCRIPTION_PREFIX, clean_description, parse_answer
-from streamd.scoring.smolvlm import FREE_TEXT_EXTRA_TOKENS, DigitTokens
+from streamd.scoring.smolvlm.checkpoint import FREE_TEXT_EXTRA_TOKENS, DigitTokens, SmolVLMFacts
 
 
 @dataclass(slots=True)
@@ -121,3 +121,58 @@ def read_answer(answer: Answer, text: str) -> tuple[int | None, str, str]:
         parsed = parse_answer(raw, after_prefix=True)
         return parsed.significance, parsed.description, raw
     return answer.significance, clean_description(text), raw
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerReader:
+    """How one checkpoint's answers are read: the steps above, bound to its tokens and limits.
+
+    Both in-process backends hold one and call it in the same order: ``start`` (the first
+    digit, from the probabilities of "0".."9" after the prefix, or free text), then, when
+    ``wants_one_or_ten``, ``settle`` with the probability of "0" after "1", then ``finish``,
+    then ``take`` each generated token up to ``limit``, and ``read`` the result. Computing the
+    probabilities and running the decode is each backend's own (torch or mlx).
+    """
+
+    digits: DigitTokens | None
+    stop_ids: frozenset[int]
+    newline_ids: frozenset[int]
+    min_digit_mass: float
+    max_new_tokens: int
+
+    @classmethod
+    def of(cls, facts: SmolVLMFacts, min_digit_mass: float, max_new_tokens: int) -> AnswerReader:
+        """The reader of a loaded checkpoint."""
+        return cls(facts.digits, facts.stop_ids, facts.newline_ids, min_digit_mass, max_new_tokens)
+
+    def start(self, p: Sequence[float] | None) -> Answer:
+        """The answer from the digit probabilities ``p`` (None, or no digits: free text)."""
+        if self.digits is None or p is None:
+            return free_text_answer(self.digits)
+        return first_digit(self.digits, p, self.min_digit_mass)
+
+    def wants_one_or_ten(self, answer: Answer, p: Sequence[float]) -> bool:
+        """See the function of that name."""
+        return wants_one_or_ten(answer, p)
+
+    def settle(self, answer: Answer, p: Sequence[float], p_zero: float) -> bool:
+        """1, 10 or the answer's digit, with "1" fed; whether that "1" stays in the cache."""
+        answer.significance = one_or_ten(p, p_zero, answer.significance or 2)
+        return answer.significance in (1, 10)
+
+    def finish(self, answer: Answer, one_fed: bool, describe_below: int | None) -> None:
+        """See ``finish_answer``."""
+        if self.digits is not None:
+            finish_answer(answer, self.digits, one_fed, describe_below)
+
+    def limit(self, answer: Answer) -> int:
+        """How many tokens ``answer`` may generate."""
+        return token_limit(answer, self.max_new_tokens)
+
+    def take(self, answer: Answer, tokens: list[int], token: int, limit: int) -> bool:
+        """Append ``token`` unless it stops the answer; whether to go on."""
+        return take_token(answer, tokens, token, limit, self.stop_ids, self.newline_ids)
+
+    def read(self, answer: Answer, decoded: str) -> tuple[int | None, str, str]:
+        """``(significance, description, raw)`` once the generated tokens are ``decoded``."""
+        return read_answer(answer, generated_text(answer, decoded))
