@@ -28,6 +28,7 @@ from streamd.config import (
     PROFILES,
     ModelSection,
     StreamConfig,
+    StreamDefaults,
     format_validation_error,
     load_config,
     summarize,
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("streamd")
 
+MIN_BENCH_WINDOWS = 2
 VERSIONED = ("torch", "transformers", "av", "numpy", "aiomqtt", "httpx", "mlx-vlm", "mlx")
 
 
@@ -55,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "run": cmd_run,
         "check-config": cmd_check_config,
         "analyze": cmd_analyze,
+        "bench": cmd_bench,
         "version": cmd_version,
     }[args.command]
     try:
@@ -90,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     _analyze_args(analyze)
     _logging_args(analyze, default_level="warning")
 
+    bench = sub.add_parser("bench", help="measure this machine with the configured model")
+    _bench_args(bench)
+    _logging_args(bench, default_level="warning")
+
     sub.add_parser("version", help="print versions")
     return parser
 
@@ -104,12 +111,29 @@ def _logging_args(parser: argparse.ArgumentParser, default_level: str = "info") 
     parser.add_argument("--log-format", default="text", choices=LOG_FORMATS)
 
 
+def _bench_args(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("-c", "--config", default=None, metavar="FILE", help="model and defaults: from here")
+    _model_args(parser)
+    add("--window-s", type=float, default=None, help="default: the config's, else 8")
+    add("--stride-s", type=float, default=None, help="default: the config's, else 4")
+    add("--sample-fps", type=float, default=None, help="default: the config's, else 1")
+    add("--windows", type=int, default=6, help="windows measured (default 6)")
+    add("--json", action="store_true", help="print the numbers as JSON")
+
+
 def _analyze_args(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("video", metavar="VIDEO", help="video file")
     add("--profile", default="highlights", choices=PROFILES)
     add("--system", default=None, metavar="TEXT", help="system prompt (overrides the profile's)")
     add("--prompt", default=None, metavar="TEXT", help="question (overrides the profile's)")
+    _model_args(parser)
+    _analysis_args(parser)
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
     add(
         "--backend",
         default="auto",
@@ -128,6 +152,10 @@ def _analyze_args(parser: argparse.ArgumentParser) -> None:
             choices=option.choices,
             help=f"{option.help} [{', '.join(backends)}]",
         )
+
+
+def _analysis_args(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
     add("--window-s", type=float, default=30.0, help="window length (default 30)")
     add("--overlap-s", type=float, default=5.0, help="overlap of consecutive windows (default 5)")
     add("--sample-fps", type=float, default=1.0, help="frames per second analysed (default 1)")
@@ -456,6 +484,63 @@ def _write_reel(args: argparse.Namespace, spans: list[tuple[float, float]]) -> i
     except (OSError, StreamdError) as exc:
         print(f"streamd analyze: --clip-out: {exc}", file=sys.stderr)
         return ExitCode.FAILURE
+    return ExitCode.OK
+
+
+_BENCH_FLAGS = {"window_s": "--window-s", "stride_s": "--stride-s", "sample_fps": "--sample-fps"}
+_BENCH_RE = re.compile(r"\b(" + "|".join(_BENCH_FLAGS) + r")\b")
+
+
+def _bench_knobs(line: str) -> str:
+    """A window-shape problem (``<root>: stride_s (3) must not...``) in ``bench``'s flags."""
+    line = line.removeprefix("<root>: ")
+    return _BENCH_RE.sub(lambda m: _BENCH_FLAGS[m[1]], line)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``streamd bench``: vision, prefill, tokens/s and the streams this machine holds."""
+    setup_logging(args.log_level, cast(Literal["text", "json"], args.log_format))
+    if args.config is not None:
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                print(problem, file=sys.stderr)
+            return ExitCode.CONFIG
+        model: ModelSection | list[str] = config.model
+        base = config.defaults
+    else:
+        try:
+            model = _model_config(args)
+        except ValidationError as exc:
+            model = _flag_problems(exc)
+        base = StreamDefaults()
+    overrides = {
+        key: value
+        for key in ("window_s", "stride_s", "sample_fps")
+        if (value := getattr(args, key)) is not None
+    }
+    problems = model if isinstance(model, list) else []
+    if args.windows < MIN_BENCH_WINDOWS:
+        problems.append(
+            f"--windows: must be at least {MIN_BENCH_WINDOWS} (the first is not steady state)"
+        )
+    try:
+        stream = StreamDefaults.model_validate({**base.model_dump(), **overrides})
+    except ValidationError as exc:
+        problems += [_bench_knobs(line) for line in format_validation_error(exc, "")]
+    if problems or isinstance(model, list):
+        for problem in problems:
+            print(f"streamd bench: {problem}", file=sys.stderr)
+        return ExitCode.USAGE
+    from streamd.bench import run_bench  # noqa: PLC0415 - heavy imports only for this command
+
+    try:
+        result = run_bench(model, stream, args.windows)
+    except ModelError as exc:
+        print(f"streamd bench: {_analyze_knobs(str(exc))}", file=sys.stderr)
+        return ExitCode.STARTUP
+    print(json.dumps(result.to_json(), indent=2) if args.json else result.table())
     return ExitCode.OK
 
 

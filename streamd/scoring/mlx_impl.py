@@ -176,7 +176,9 @@ class MlxBackend:
         answer = self._read_score(checkpoint, cache, logits, request)
         prefill_s = time.perf_counter() - started - vision_s
         started = time.perf_counter()
-        text = self._generate(checkpoint, cache, logits, answer) if answer.generate else ""
+        text, count = (
+            self._generate(checkpoint, cache, logits, answer) if answer.generate else ("", 0)
+        )
         generate_s = time.perf_counter() - started
         significance, description, raw = smolvlm.loaded(self._reader, self.model_id).read(
             answer, text
@@ -184,7 +186,9 @@ class MlxBackend:
         if answer.free_text:  # parsed descriptions are cleaned once more (JSON ones at all)
             description = clean_description(description)
         frames = request.window.frames
-        timings = StageTimings(vision_s, prefill_s, generate_s, 0, len(frames))
+        timings = StageTimings(
+            vision_s, prefill_s, generate_s, 0, len(frames), completion_tokens=count
+        )
         best = smolvlm.best_frame_index(frames)
         return Score(significance, description, raw, timings, best)
 
@@ -238,8 +242,8 @@ class MlxBackend:
         cache: list[_LayerCache],
         logits: mx.array,
         answer: Answer,
-    ) -> str:
-        """Greedy decode after feeding ``answer.feed``; one line unless free text."""
+    ) -> tuple[str, int]:
+        """Greedy decode after feeding ``answer.feed``: the text and how many tokens it took."""
         answers_of = smolvlm.loaded(self._reader, self.model_id)
         limit = answers_of.limit(answer)
         if answer.feed:
@@ -248,7 +252,7 @@ class MlxBackend:
         while answers_of.take(answer, tokens, int(mx.argmax(logits).item()), limit):
             logits = _forward(checkpoint, [tokens[-1]], cache)
         text: str = checkpoint.tokenizer.decode(tokens, skip_special_tokens=True)
-        return text
+        return text, len(tokens)
 
 
 def _forward(checkpoint: MlxCheckpoint, ids: list[int], cache: list[_LayerCache]) -> mx.array:

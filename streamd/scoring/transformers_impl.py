@@ -209,13 +209,18 @@ class TransformersBackend:
         checkpoint.synchronize()
         prefill_s = time.perf_counter() - started
         started = time.perf_counter()
-        generated = self._generate(checkpoint, state, answers)
+        generated, counts = self._generate(checkpoint, state, answers)
         generate_s = time.perf_counter() - started
         scores = []
         for i, (request, answer, text) in enumerate(zip(requests, answers, generated, strict=True)):
             significance, description, raw = self._answer_reader().read(answer, text)
             timings = StageTimings(
-                encoded.seconds, prefill_s, generate_s, encoded.hits[i], encoded.misses[i]
+                encoded.seconds,
+                prefill_s,
+                generate_s,
+                encoded.hits[i],
+                encoded.misses[i],
+                completion_tokens=counts[i],
             )
             best = smolvlm.best_frame_index(request.window.frames)
             scores.append(Score(significance, description, raw, timings, best))
@@ -307,10 +312,14 @@ class TransformersBackend:
 
     def _generate(
         self, checkpoint: Checkpoint, state: _DecodeState, answers: list[Answer]
-    ) -> list[str]:
-        """Greedy decode of every row that wants text, each stopping on its own."""
+    ) -> tuple[list[str], list[int]]:
+        """Greedy decode of every row that wants text, each stopping on its own.
+
+        Returns:
+            Each row's decoded text and how many tokens it generated.
+        """
         if not any(answer.generate for answer in answers):
-            return ["" for _ in answers]
+            return ["" for _ in answers], [0 for _ in answers]
         self._extend(checkpoint, state, [a.feed if a.generate else [] for a in answers])
         answers_of = self._answer_reader()
         limits = [answers_of.limit(answer) for answer in answers]
@@ -325,7 +334,7 @@ class TransformersBackend:
                 feeds = [[tokens[row][-1]] if active[row] else [] for row in range(len(answers))]
                 self._extend(checkpoint, state, feeds)
         texts: list[str] = checkpoint.tokenizer.batch_decode(tokens, skip_special_tokens=True)
-        return texts
+        return texts, [len(row) for row in tokens]
 
     # --- plumbing ---------------------------------------------------------------------------
 
