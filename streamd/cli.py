@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, cast
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -26,6 +26,8 @@ from streamd.config import (
     LOG_FORMATS,
     LOG_LEVELS,
     PROFILES,
+    Config,
+    LogFormat,
     ModelSection,
     StreamConfig,
     StreamDefaults,
@@ -168,13 +170,24 @@ def _analysis_args(parser: argparse.ArgumentParser) -> None:
 # --- commands -------------------------------------------------------------------------------
 
 
-def cmd_check_config(args: argparse.Namespace) -> int:
-    """``streamd check-config FILE``."""
+def _load(path: str) -> Config | None:
+    """The config at ``path``, or None once its problems are on stderr, one line each."""
     try:
-        config = load_config(args.file)
+        return load_config(path)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
+        return None
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    setup_logging(args.log_level, cast(LogFormat, args.log_format))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """``streamd check-config FILE``."""
+    config = _load(args.file)
+    if config is None:
         return ExitCode.CONFIG
     print(f"{args.file}: valid")
     print(summarize(config))
@@ -183,12 +196,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``streamd run -c FILE``: the daemon."""
-    setup_logging(args.log_level, cast(Literal["text", "json"], args.log_format))
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+    _setup_logging(args)
+    config = _load(args.config)
+    if config is None:
         return ExitCode.CONFIG
     from streamd import daemon  # noqa: PLC0415 - keep `streamd version` light
 
@@ -197,7 +207,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     """``streamd analyze VIDEO``: ranked highlights as JSON on stdout (and ``--json``)."""
-    setup_logging(args.log_level, cast(Literal["text", "json"], args.log_format))
+    _setup_logging(args)
     built = _analyze_configs(args)
     if isinstance(built, list):
         return _usage(built)
@@ -499,13 +509,10 @@ def _bench_knobs(line: str) -> str:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """``streamd bench``: vision, prefill, tokens/s and the streams this machine holds."""
-    setup_logging(args.log_level, cast(Literal["text", "json"], args.log_format))
+    _setup_logging(args)
     if args.config is not None:
-        try:
-            config = load_config(args.config)
-        except ConfigError as exc:
-            for problem in exc.problems:
-                print(problem, file=sys.stderr)
+        config = _load(args.config)
+        if config is None:
             return ExitCode.CONFIG
         model: ModelSection | list[str] = config.model
         base = config.defaults
