@@ -32,7 +32,10 @@ from streamd.scoring.base import ScoringBackend
 from streamd.scoring.openai_config import OpenAIModelConfig, resolve_api_key
 from streamd.scoring.openai_impl import JpegCache, OpenAIBackend
 from streamd.scoring.openai_request import (
+    PREFIXED_SCORE_MAX_TOKENS,
+    SCORE_MAX_TOKENS,
     chat_body,
+    description_prefix,
     digit_probabilities,
     error_message,
     looks_tiled,
@@ -91,6 +94,23 @@ def test_chat_body_is_greedy_with_top_logprobs_and_extra_body_last() -> None:
     assert (body["temperature"], body["top_k"]) == (0.5, 1)  # verbatim, may override
     no_system = chat_body("m", Prompt("", "q?"), content, 8, {})
     assert no_system["messages"] == [{"role": "user", "content": content}]
+
+
+def test_a_continued_answer_starts_the_assistant_message() -> None:
+    content = user_content(PROMPT, [0.0], 1.0, ["data:x"])
+    body = chat_body("m", PROMPT, content, 3, {}, assistant_prefix="Significance:")
+    assert body["messages"] == [
+        {"role": "system", "content": PROMPT.system},
+        {"role": "user", "content": content},
+        {"role": "assistant", "content": "Significance:"},
+    ]
+    assert (body["continue_final_message"], body["add_generation_prompt"]) == (True, False)
+    assert "continue_final_message" not in chat_body("m", PROMPT, content, 3, {})
+    # The description continues the score as the local backends write it.
+    assert description_prefix(10) == "Significance: 10\nDescription:"
+    bare = _body(" 7", None)
+    assert read_completion(bare, after_prefix=True).significance == 7
+    assert read_completion(bare).significance is None  # a bare number is no score
 
 
 @pytest.mark.parametrize(
@@ -346,10 +366,16 @@ def _frame(stream: str, index: int, pts_s: float | None = None) -> Frame:
     return Frame(stream, index, float(index) if pts_s is None else pts_s, 0.0, image, (1920, 1080))
 
 
-def _request(stream: str, first: int, frames: int = 4, prompt: Prompt = PROMPT) -> ScoreRequest:
+def _request(
+    stream: str,
+    first: int,
+    frames: int = 4,
+    prompt: Prompt = PROMPT,
+    describe_below: int | None = None,
+) -> ScoreRequest:
     window_frames = tuple(_frame(stream, i) for i in range(first, first + frames))
     window = Window(stream, first + 1, float(first), float(first + frames), window_frames, 0.0)
-    return ScoreRequest(window, prompt)
+    return ScoreRequest(window, prompt, describe_below)
 
 
 def test_jpeg_cache_encodes_a_frame_once_and_drops_the_oldest() -> None:
@@ -511,6 +537,44 @@ def test_significance_from_the_servers_logprobs(
         backend.close()
     assert score.raw == "7777"
     assert score.significance == 7
+
+
+@pytest.mark.parametrize("continued", [False, True])
+def test_only_windows_at_or_above_describe_below_get_a_description(
+    mlx_server: MlxVlmServer, tiny_model_dir: Path, continued: bool
+) -> None:
+    # Biased to "7", the model scores every window 7 and never stops: the tokens the server
+    # generated tell which requests were made. A quiet window costs the score's few tokens.
+    vocab = json.loads((tiny_model_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    full = 12
+    backend = _backend(
+        mlx_server,
+        mlx_server.model_id,
+        extra_body={"logit_bias": {str(vocab["7"]): 100}},
+        max_new_tokens=full,
+        continue_final_message=continued,
+    )
+    backend.load()
+    try:
+        quiet, event, every = backend.score(
+            [
+                _request("cam", 0, describe_below=8),
+                _request("cam", 2, describe_below=7),
+                _request("cam", 4),
+            ]
+        )
+    finally:
+        backend.close()
+    score_tokens = PREFIXED_SCORE_MAX_TOKENS if continued else SCORE_MAX_TOKENS
+    assert (quiet.significance, event.significance, every.significance) == (7, 7, 7)
+    assert quiet.description == ""
+    assert quiet.timings.completion_tokens == score_tokens  # one short request
+    assert event.timings.completion_tokens == score_tokens + full  # score, then description
+    assert event.description.startswith("7777")
+    assert every.timings.completion_tokens == full  # describe_below None: one whole answer
+    if continued:
+        assert quiet.raw.startswith("Significance:")
+        assert event.raw.startswith("Significance: 7\nDescription:")
 
 
 def test_unknown_model_is_refused_listing_what_is_served(mlx_server: MlxVlmServer) -> None:

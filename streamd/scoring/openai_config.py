@@ -51,6 +51,13 @@ class OpenAIModelConfig(Section):
         default_factory=dict, description="merged into every request verbatim (server knobs)"
     )
     max_new_tokens: int = Field(64, ge=1, le=1024, description="longest answer, in tokens")
+    continue_final_message: bool = Field(
+        False,
+        description=(
+            "the server continues a started assistant message (vLLM, SGLang, llama.cpp): a"
+            " window that needs a description continues its score's answer"
+        ),
+    )
 
     @field_validator("base_url")
     @classmethod

@@ -2,8 +2,9 @@
 
 vLLM, SGLang, llama.cpp's ``llama-server``, Ollama, LM Studio and mlx-vlm's server all take a
 window as one request: its frames as JPEG ``image_url`` parts, labelled as SmolVLM2's video
-prompt labels them (spec.md "Remote inference", issue 8). One ``score`` call sends all its
-windows at once, so the server batches them; ``max_batch`` is ``model.max_in_flight``.
+prompt labels them (spec.md "Remote inference", issue 8). A window that needs only its score
+(``describe_below`` above it) costs one request of a few tokens; the description is a second
+request, continuing the first answer where the server can (``model.continue_final_message``).
 
 The HTTP client is async and lives on a private event loop with a thread of its own
 (``streamd-openai``), so no request touches the daemon's loop. The ``ModelRunner`` keeps
@@ -21,17 +22,24 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Coroutine, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import httpx
+from pydantic import JsonValue
 
 from streamd.domain import Frame, Score, ScoreRequest, StageTimings
 from streamd.errors import ModelError
 from streamd.log import redact_url
 from streamd.scoring.openai_config import API_KEY_ENV, OpenAIModelConfig, resolve_api_key
 from streamd.scoring.openai_request import (
+    PREFIXED_SCORE_MAX_TOKENS,
+    SCORE_MAX_TOKENS,
+    SCORE_PREFIX,
     Body,
+    Completion,
     chat_body,
+    description_prefix,
     encode_jpeg,
     error_message,
     expected_prompt_tokens,
@@ -42,6 +50,7 @@ from streamd.scoring.openai_request import (
     served_model_ids,
     user_content,
 )
+from streamd.scoring.prompt import clean_description
 from streamd.scoring.smolvlm.checkpoint import (
     DEFAULT_MIN_DIGIT_MASS,
     best_frame_index,
@@ -96,13 +105,34 @@ class JpegCache:
 
 @dataclass(frozen=True, slots=True)
 class _Prepared:
-    """One window's request, ready to send."""
+    """One window's request content, ready to send."""
 
     request: ScoreRequest
-    body: Body
+    content: list[JsonValue]
     text_chars: int
     hits: int
     misses: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """A window's answer: one completion, or the score's and then the description's.
+
+    Attributes:
+        first: The only completion, or the one that asked for the score.
+        second: The description's completion, if one was asked for.
+        description: The description, when ``first``'s own is not it.
+        continued: The assistant message ``second`` continued ("" for a whole answer).
+    """
+
+    first: Completion
+    second: Completion | None = None
+    description: str | None = None
+    continued: str = ""
+
+    def tokens(self, kind: Literal["prompt_tokens", "completion_tokens"]) -> int:
+        """Tokens of ``kind`` over both requests, as the server counted them."""
+        return sum(getattr(c, kind) or 0 for c in (self.first, self.second) if c is not None)
 
 
 class OpenAIBackend:
@@ -230,15 +260,16 @@ class OpenAIBackend:
         prepared = [self._prepare(request) for request in requests]
         encoded = time.perf_counter()
         answers = await asyncio.gather(
-            *(self._post_window(item) for item in prepared), return_exceptions=True
+            *(self._answer(item) for item in prepared), return_exceptions=True
         )
+        done: list[_Answer] = []
         for answer in answers:
             if isinstance(answer, BaseException):
                 raise answer
+            done.append(answer)
         timings = (encoded - started, time.perf_counter() - encoded)
         return [
-            self._read(item, answer, timings)
-            for item, answer in zip(prepared, answers, strict=True)
+            self._read(item, answer, timings) for item, answer in zip(prepared, done, strict=True)
         ]
 
     def _prepare(self, request: ScoreRequest) -> _Prepared:
@@ -250,31 +281,72 @@ class OpenAIBackend:
             hits += cached
         offsets = [frame.pts_s - window.start_s for frame in window.frames]
         content = user_content(request.prompt, offsets, window.duration_s, uris)
-        body = chat_body(
-            self.config.id,
-            request.prompt,
-            content,
-            self.config.max_new_tokens,
-            self.config.extra_body,
-        )
         chars = prompt_chars(request.prompt, content)
-        return _Prepared(request, body, chars, hits, len(uris) - hits)
+        return _Prepared(request, content, chars, hits, len(uris) - hits)
 
-    def _read(self, item: _Prepared, answer: object, timings: tuple[float, float]) -> Score:
-        completion = read_completion(answer, self._min_digit_mass)
+    def _body(self, item: _Prepared, max_tokens: int, prefix: str | None = None) -> Body:
+        return chat_body(
+            self.config.id,
+            item.request.prompt,
+            item.content,
+            max_tokens,
+            self.config.extra_body,
+            assistant_prefix=prefix,
+        )
+
+    async def _answer(self, item: _Prepared) -> _Answer:
+        """One request, or two when only windows at or above ``describe_below`` are described.
+
+        The first asks for the score alone (a few tokens); a window at or above the threshold,
+        or one whose score could not be read, then gets its description: continuing the first
+        answer where the server can (``model.continue_final_message``, cheap with vLLM's
+        prefix cache), else as a whole answer.
+        """
+        full = self.config.max_new_tokens
+        describe_below = item.request.describe_below
+        if describe_below is None:
+            return _Answer(await self._completion(item, self._body(item, full)))
+        prefix = SCORE_PREFIX if self.config.continue_final_message else None
+        limit = SCORE_MAX_TOKENS if prefix is None else PREFIXED_SCORE_MAX_TOKENS
+        first = await self._completion(item, self._body(item, limit, prefix), prefix is not None)
+        significance = first.significance
+        if significance is not None and significance < describe_below:
+            raw = first.text if prefix is None else prefix + first.text
+            return _Answer(replace(first, text=raw, description=""))
+        if prefix is None or significance is None:
+            second = await self._completion(item, self._body(item, full))
+            return _Answer(first, second, second.description)
+        continued = description_prefix(significance)
+        second = await self._completion(item, self._body(item, full, continued))
+        return _Answer(first, second, clean_description(second.text), continued)
+
+    async def _completion(
+        self, item: _Prepared, body: Body, after_prefix: bool = False
+    ) -> Completion:
+        answer = await self._post_window(item, body)
+        return read_completion(answer, self._min_digit_mass, after_prefix)
+
+    def _read(self, item: _Prepared, answer: _Answer, timings: tuple[float, float]) -> Score:
+        first, second = answer.first, answer.second
         frames = item.request.window.frames
-        self._check_tokens(completion.prompt_tokens, len(frames), item.text_chars)
+        self._check_tokens(first.prompt_tokens, len(frames), item.text_chars)
+        significance = first.significance
+        if significance is None and second is not None:
+            significance = second.significance
+        raw = first.text
+        if second is not None:
+            raw = answer.continued + second.text if answer.continued else second.text
         return Score(
-            significance=completion.significance,
-            description=completion.description,
-            raw=completion.text,
+            significance=significance,
+            description=first.description if answer.description is None else answer.description,
+            raw=raw,
             timings=StageTimings(
                 vision_s=timings[0],
                 generate_s=timings[1],
                 vision_hits=item.hits,
                 vision_misses=item.misses,
-                prompt_tokens=completion.prompt_tokens or 0,
-                completion_tokens=completion.completion_tokens or 0,
+                prompt_tokens=answer.tokens("prompt_tokens"),
+                completion_tokens=answer.tokens("completion_tokens"),
             ),
             best_frame=best_frame_index(frames),
         )
@@ -309,13 +381,13 @@ class OpenAIBackend:
         self._check(response, "at startup")
         return served_model_ids(self._json(response))
 
-    async def _post_window(self, item: _Prepared) -> object:
+    async def _post_window(self, item: _Prepared, body: Body) -> object:
         frames = len(item.request.window.frames)
         status = 0
         try:
             async with asyncio.timeout(self.config.timeout_s):  # retries included
                 attempt = 0
-                response = await self._send("POST", "chat/completions", item.body)
+                response = await self._send("POST", "chat/completions", body)
                 while (status := response.status_code) in BUSY:
                     wait_s = retry_after_s(
                         response.headers.get("retry-after"), attempt, RETRY_WAIT_CAP_S
@@ -323,7 +395,7 @@ class OpenAIBackend:
                     logger.debug("model server busy (%d): retrying in %.1fs", status, wait_s)
                     await asyncio.sleep(wait_s)
                     attempt += 1
-                    response = await self._send("POST", "chat/completions", item.body)
+                    response = await self._send("POST", "chat/completions", body)
         except TimeoutError:
             busy = f" (busy: {status})" if status in BUSY else ""
             raise ModelError(

@@ -19,6 +19,8 @@ from pydantic import JsonValue
 from streamd.domain import Image as Picture
 from streamd.domain import Prompt
 from streamd.scoring.prompt import (
+    ANSWER_PREFIX,
+    DESCRIPTION_PREFIX,
     MAX_SIGNIFICANCE,
     MIN_SIGNIFICANCE,
     format_hms,
@@ -42,6 +44,12 @@ TILING_FACTOR = 2.0
 17 tiles, a 1080p one 13+, where one tile was meant."""
 MESSAGE_CHARS = 200
 """A server's error message is quoted up to this length."""
+SCORE_MAX_TOKENS = 8
+"""Tokens that reach the score of ``Significance: 10`` (about 6 with SmolVLM2's tokenizer)."""
+PREFIXED_SCORE_MAX_TOKENS = 3
+"""Tokens that reach the score when the answer is continued from ``Significance:``."""
+SCORE_PREFIX = ANSWER_PREFIX.lstrip()
+"""The assistant message the score is continued from, as the local backends start it."""
 
 Body = dict[str, JsonValue]
 
@@ -92,15 +100,22 @@ def chat_body(
     content: list[JsonValue],
     max_tokens: int,
     extra_body: Mapping[str, JsonValue],
+    assistant_prefix: str | None = None,
 ) -> Body:
     """One chat-completions request: greedy, with the top log-probabilities of every token.
 
+    With ``assistant_prefix`` the answer continues that started assistant message (vLLM's and
+    SGLang's ``continue_final_message``; llama.cpp continues a final assistant message anyway).
     ``extra_body`` goes in last and verbatim: a server-specific knob may override anything.
     """
     messages: list[JsonValue] = []
     if prompt.system:
         messages.append({"role": "system", "content": prompt.system})
     messages.append({"role": "user", "content": content})
+    continued: Body = {}
+    if assistant_prefix is not None:
+        messages.append({"role": "assistant", "content": assistant_prefix})
+        continued = {"continue_final_message": True, "add_generation_prompt": False}
     body: Body = {
         "model": model_id,
         "messages": messages,
@@ -108,9 +123,15 @@ def chat_body(
         "temperature": 0,
         "logprobs": True,
         "top_logprobs": TOP_LOGPROBS,
+        **continued,
     }
     body.update(extra_body)
     return body
+
+
+def description_prefix(significance: int) -> str:
+    """The assistant message a description continues: the score as the local backends write it."""
+    return f"{SCORE_PREFIX} {significance}{DESCRIPTION_PREFIX}"
 
 
 def prompt_chars(prompt: Prompt, content: Sequence[JsonValue]) -> int:
@@ -156,12 +177,18 @@ class Completion:
     completion_tokens: int | None
 
 
-def read_completion(body: object, min_digit_mass: float = DEFAULT_MIN_DIGIT_MASS) -> Completion:
-    """Read a chat-completions response body (``response.json()``)."""
+def read_completion(
+    body: object, min_digit_mass: float = DEFAULT_MIN_DIGIT_MASS, after_prefix: bool = False
+) -> Completion:
+    """Read a chat-completions response body (``response.json()``).
+
+    ``after_prefix``: the answer continues ``Significance:``, so a bare leading number is the
+    score.
+    """
     choice = _first(_get(body, "choices"))
     content = _get(_get(choice, "message"), "content")
     text = content if isinstance(content, str) else ""
-    parsed = parse_answer(text)
+    parsed = parse_answer(text, after_prefix=after_prefix)
     from_logprobs = logprob_significance(_get(_get(choice, "logprobs"), "content"), min_digit_mass)
     usage = _get(body, "usage")
     return Completion(
