@@ -163,6 +163,11 @@ def _analysis_args(parser: argparse.ArgumentParser) -> None:
     add("--sample-fps", type=float, default=1.0, help="frames per second analysed (default 1)")
     add("--min-significance", type=int, default=6, help="lowest score kept (default 6)")
     add("--max-highlights", type=int, default=10, help="most highlights listed (default 10)")
+    add(
+        "--describe-all",
+        action="store_true",
+        help="describe every window, not only those at or above --min-significance",
+    )
     add("--json", dest="json_path", default=None, metavar="PATH", help="also write the result here")
     add("--clip-out", default=None, metavar="PATH", help="write an MP4 reel of the highlights")
 
@@ -257,16 +262,13 @@ _ANALYZE_FLAGS = {
     "min_significance": "--min-significance",
     "id": "--model",
     "backend": "--backend",
-    "device": "--device",
-    "dtype": "--dtype",
     "max_new_tokens": "--max-new-tokens",
-    "base_url": "--base-url",
-    "api_key_file": "--api-key-file",
-    "max_in_flight": "--max-in-flight",
+    **{option.key: option.flag for option, _backends in cli_options().values()},
 }
 """Config field -> the ``analyze`` flag that sets it (stride_s is --window-s - --overlap-s)."""
+_MODEL_KEYS = ("id", "backend", "max_new_tokens", *(o.key for o, _ in cli_options().values()))
 _FIELD_RE = re.compile(
-    r"\bmodel\.(id|backend|device|dtype|max_new_tokens|base_url|api_key_file|max_in_flight)\b"
+    r"\bmodel\.(" + "|".join(_MODEL_KEYS) + r")\b"
     r"|\b(" + "|".join(name for name in _ANALYZE_FLAGS if "_" in name) + r")\b"
 )
 """``model.id`` and friends, and the config keys no English word spells (``window_s``...)."""
@@ -310,6 +312,7 @@ def _analyze_configs(args: argparse.Namespace) -> tuple[StreamConfig, ModelSecti
             system_prompt=args.system,
             prompt=args.prompt,
             min_significance=args.min_significance,
+            describe_below_min=args.describe_all,
         )
     except ValidationError as exc:
         problems += _flag_problems(exc)

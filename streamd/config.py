@@ -57,6 +57,13 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
 BACKEND_NAMES: tuple[str, ...] = BACKEND_CHOICES
 PROFILES: tuple[str, ...] = get_args(Profile)
+MOTION_GATE_AUTO: dict[str, float] = {"surveillance": 0.0003}
+"""What ``motion_gate: auto`` (the default) means per profile; a profile not listed: 0, off.
+
+surveillance: a window is skipped when no two consecutive samples differ in more than one cell
+of the 64x64 motion grid (0.024% of the picture). bench/motion_gate.py: 12.5x fewer model calls
+on 25 min of static footage with 7 scripted events, none missed (the faintest, a distant person
+at night, changes 3 cells); a tree in the wind keeps every window open (README, Motion gate)."""
 LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
 LOG_FORMATS: tuple[str, ...] = get_args(LogFormat)
 
@@ -188,12 +195,49 @@ class StreamDefaults(Section):
     prompt: str | None = Field(None, description="overrides the profile's question")
     min_significance: int = Field(6, ge=1, le=10, description="events open at or above this")
     cooldown_s: float = Field(30.0, ge=0, le=86400, description="quiet time after an event ends")
-    motion_gate: float = Field(0.0, ge=0, le=1, description="skip windows with less motion; 0=off")
-    describe_below_min: bool = Field(
-        True, description="also describe windows below min_significance (false saves the decode)"
+    motion_gate: float = Field(
+        "auto",
+        ge=0,
+        le=1,
+        validate_default=True,
+        description="skip windows with less motion: 0-1 (0=off), or auto: the profile's gate",
+    )
+    describe_below_min: bool | Literal["auto"] = Field(
+        "auto",
+        description=(
+            "describe windows below min_significance too: true, false (saves the decode), or"
+            " auto: when no other window waits for the model"
+        ),
     )
     open_timeout_s: float = Field(10.0, gt=0, le=600, description="connecting to a source")
     read_timeout_s: float = Field(10.0, gt=0, le=600, description="no data for this long = lost")
+
+    @field_validator("motion_gate", mode="before")
+    @classmethod
+    def _gate_or_auto(cls, value: object, info: ValidationInfo) -> object:
+        """``auto`` becomes the profile's gate, so the rest of the code sees a number."""
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return value  # bounds are the field's
+        text = str(value).strip().lower() if isinstance(value, str) else ""
+        if text == "auto":
+            # No valid profile: its own error is listed, and the gate does not matter then.
+            return MOTION_GATE_AUTO.get(str(info.data.get("profile")), 0.0)
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(
+                f"must be a number from 0 to 1 (0 = off) or auto, not {value!r}"
+            ) from None
+
+    @field_validator("describe_below_min", mode="before")
+    @classmethod
+    def _auto_or_bool(cls, value: object) -> object:
+        if value == "auto" or isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "false"):
+            return text == "true"
+        raise ValueError(f"must be auto, true or false, not {value!r}")
 
     @model_validator(mode="after")
     def _window_shape(self) -> StreamDefaults:
@@ -503,6 +547,14 @@ def summarize(config: Config) -> str:
             f"  {stream.name:<16} {redact_url(stream.url)} ({kind}; {stream.profile}, "
             f"{stream.window_s:g}s windows every {stream.stride_s:g}s"
             f" at {stream.sample_fps:g} fps, "
-            f"events at >= {stream.min_significance})"
+            f"events at >= {stream.min_significance}, {motion_gate_summary(stream)})"
         )
     return "\n".join(lines)
+
+
+def motion_gate_summary(stream: StreamDefaults) -> str:
+    """``motion gate 0.0003 (profile default)``, ``motion gate 0.01`` or ``motion gate off``."""
+    if stream.motion_gate == 0:
+        return "motion gate off"
+    default = MOTION_GATE_AUTO.get(stream.profile) == stream.motion_gate
+    return f"motion gate {stream.motion_gate:g}{' (profile default)' if default else ''}"

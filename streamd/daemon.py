@@ -247,7 +247,7 @@ class Daemon:
 
     def _stalled_too_long(self) -> bool:
         runner = self.runner
-        if runner is None or runner.stalled_since is None:
+        if runner is None or runner.stalled_since is None or runner.timeout_s is None:
             return False
         stalled = time.monotonic() - runner.stalled_since
         if stalled < runner.timeout_s:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -83,11 +84,23 @@ class ScoreRequest:
         prompt: The profile's system prompt and question (after overrides).
         describe_below: If set, skip generating a description when the significance is below
             this value (saves the decode on quiet windows).
+        spare: If set, asked once the score is known: True when the model has time to spare,
+            and then a window below ``describe_below`` is described all the same.
     """
 
     window: Window
     prompt: Prompt
     describe_below: int | None = None
+    spare: Callable[[], bool] | None = None
+
+    def describe_threshold(self) -> int | None:
+        """``describe_below``, or None (describe every window) if the model has time to spare.
+
+        Backends ask when they are about to decide, so the answer is as fresh as it can be.
+        """
+        if self.describe_below is None or (self.spare is not None and self.spare()):
+            return None
+        return self.describe_below
 
 
 @dataclass(frozen=True, slots=True)

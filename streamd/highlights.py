@@ -276,7 +276,9 @@ async def analyze(
     metrics = Metrics(CollectorRegistry())
     backend = create_backend(options.model)
     analysis.model_id = backend.model_id
-    async with ModelRunner(backend, metrics, options.model.stall_timeout_s) as runner:
+    # No stall guard: a file is not live, and a slow window (a 2.2B model on a CPU) is still
+    # progress. A model server's requests keep their own timeout (model.timeout_s).
+    async with ModelRunner(backend, metrics, None, one_stream_batches=True) as runner:
         scheduler = asyncio.create_task(runner.run(), name="streamd.model")
         try:
             await _score_file(options, info, analysis, runner, backend.input_size, metrics, out)
@@ -316,10 +318,15 @@ async def _score_file(
     total = expected_windows(info.duration_s, stream.window_s, stream.stride_s)
     progress = ProgressBar(total, out)
     windows = windows_from(ring, windower)
-    # A model server takes several windows at once (max_in_flight): keep that many open, and
-    # record them in time order. In-process models take one, which is plain one-by-one.
-    limit = max(1, runner.backend.max_in_flight)
+    # Keep as many windows open as the model takes at once, and record them in time order: a
+    # model server's max_in_flight requests, or an in-process model's batch of consecutive
+    # windows (one call: one vision batch, one prefill, one decode for all of them). A batch is
+    # handed over whole, so the runner sees it at once; the next one is cut meanwhile.
+    backend = runner.backend
+    batch = max(1, backend.max_batch)
+    limit = max(1, backend.max_in_flight) * batch * (2 if batch > 1 else 1)
     in_flight: deque[tuple[Window, asyncio.Task[Score]]] = deque()
+    group: list[Window] = []
 
     async def record_oldest() -> None:
         window, task = in_flight.popleft()
@@ -334,13 +341,24 @@ async def _score_file(
         )
         progress.advance()
 
+    # Only a window that can become a highlight needs its description (--describe-all: all).
+    describe_below = None if stream.describe_below_min is True else stream.min_significance
+
+    def hand_over() -> None:
+        for window in group:
+            request = ScoreRequest(window, prompt, describe_below)
+            in_flight.append((window, asyncio.create_task(runner.score(request))))
+        group.clear()
+
     source.start()
     try:
         async for window in windows:
-            request = ScoreRequest(window, prompt, describe_below=stream.min_significance)
-            in_flight.append((window, asyncio.create_task(runner.score(request))))
-            if len(in_flight) >= limit:
+            group.append(window)
+            if len(group) >= batch:
+                hand_over()
+            while len(in_flight) >= limit:
                 await record_oldest()
+        hand_over()
         while in_flight:
             await record_oldest()
     finally:

@@ -71,6 +71,13 @@ class Metrics:
         self.vision_cache_misses = Counter(
             "streamd_vision_cache_misses", "Frames run through the vision encoder.", registry=r
         )
+        self.vision_ahead = Counter(
+            "streamd_vision_ahead_frames",
+            "Frames offered for encoding before their window is cut: encoded, or dropped from"
+            " the bounded queue (then encoded with their window).",
+            ("outcome",),
+            registry=r,
+        )
         self.stream_up = Gauge("streamd_stream_up", "1 while the source delivers.", s, registry=r)
         self.window_lag = Gauge(
             "streamd_window_lag_seconds",

@@ -74,7 +74,13 @@ class StreamPipeline:
         self._stream_metrics = metrics.for_stream(config.name)
         self._clock = clock
         self._prompt = resolve_prompt(config.profile, config.system_prompt, config.prompt)
-        self._describe_below = None if config.describe_below_min else config.min_significance
+        # Quiet windows are described always (true), never (false), or when the model has time
+        # to spare (auto): no other window waits for it once this one's score is known.
+        describe = config.describe_below_min
+        self._describe_below = None if describe is True else config.min_significance
+        self._spare = runner.has_spare_time if describe == "auto" else None
+        if self.live:
+            runner.add_demand(self._window_waiting)
         self._aggregator = EventAggregator(config.name, config.min_significance, config.cooldown_s)
         self._mailbox: Mailbox[_Pending] = Mailbox(replace=self.live, on_replace=self._replaced)
         self.source: PyAVSource | None = None
@@ -156,8 +162,12 @@ class StreamPipeline:
 
     async def _cut(self, ring: FrameRing[SourceItem]) -> None:
         windower = Windower(self.name, self.config.window_s, self.config.stride_s)
+        # A live stream's frames are encoded as they arrive while the model has nothing else to
+        # do, so a window's vision is mostly done when it is cut. Not behind a motion gate: a
+        # gated window's frames may never be needed.
+        ahead = self._runner.offer_frame if self.live and self.config.motion_gate == 0 else None
         try:
-            async for window in windows_from(ring, windower):
+            async for window in windows_from(ring, windower, ahead):
                 await self._submit(window)
         except MailboxClosed:
             pass  # stop() closed it: shutting down
@@ -178,6 +188,11 @@ class StreamPipeline:
             " (below motion gate)" if gated else "",
         )
         await self._mailbox.put(_Pending(window, time.monotonic(), gated))
+
+    def _window_waiting(self) -> bool:
+        """A window for the model waits in the mailbox (any thread: one attribute read)."""
+        pending = self._mailbox.pending
+        return pending is not None and not pending.gated
 
     def _replaced(self, pending: _Pending) -> None:
         self._dropped("busy")
@@ -209,7 +224,7 @@ class StreamPipeline:
                 self._publish_event(event)
 
     async def _score(self, window: Window) -> Score | None:
-        request = ScoreRequest(window, self._prompt, self._describe_below)
+        request = ScoreRequest(window, self._prompt, self._describe_below, self._spare)
         try:
             return await self._runner.score(request)
         except ModelError as exc:
@@ -287,8 +302,15 @@ def frame_ring(
     )
 
 
-async def windows_from(ring: FrameRing[SourceItem], windower: Windower) -> AsyncIterator[Window]:
-    """Windows cut from a source's frames, tail windows included, until the source ends."""
+async def windows_from(
+    ring: FrameRing[SourceItem],
+    windower: Windower,
+    on_frame: Callable[[Frame], None] | None = None,
+) -> AsyncIterator[Window]:
+    """Windows cut from a source's frames, tail windows included, until the source ends.
+
+    ``on_frame`` sees every frame as it arrives, before the windows that hold it are cut.
+    """
     while True:
         try:
             item = await ring.get()
@@ -300,6 +322,8 @@ async def windows_from(ring: FrameRing[SourceItem], windower: Windower) -> Async
             if item.final:
                 return
             continue
+        if on_frame is not None:
+            on_frame(item)
         for window in windower.push(item):
             yield window
 

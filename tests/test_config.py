@@ -9,6 +9,7 @@ from streamd import cli
 from streamd.config import (
     BACKEND_NAMES,
     DTYPES,
+    MOTION_GATE_AUTO,
     PROFILES,
     Config,
     OpenAIModelConfig,
@@ -401,3 +402,79 @@ def test_choice_lists_are_defined_once() -> None:
     assert choices["dtype"] == DTYPES
     assert set(choices["backend"]) == set(BACKEND_NAMES)
     assert set(prompt.PROFILES) == set(PROFILES)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("auto", "auto"), (True, True), (False, False), ("false", False)]
+)
+def test_describe_below_min_is_auto_true_or_false(value: object, expected: object) -> None:
+    config = parse_config(with_stream(describe_below_min=value), {})
+    assert config.streams[0].describe_below_min == expected
+    assert parse_config(with_stream(), {}).streams[0].describe_below_min == "auto"
+    (problem,) = problems_of(with_stream(describe_below_min="sometimes"))
+    assert problem.startswith("streams[0].describe_below_min:"), problem
+
+
+GATE = MOTION_GATE_AUTO["surveillance"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (with_stream(), GATE),  # the default profile, motion_gate auto
+        (with_stream(motion_gate="auto"), GATE),
+        (with_stream(motion_gate=" AUTO "), GATE),
+        (with_stream(profile="sports"), 0.0),  # auto: off for every other profile
+        (with_stream(profile="scene", motion_gate="auto"), 0.0),
+        (with_stream(motion_gate=0), 0.0),  # explicit numbers as before: 0 is off
+        (with_stream(motion_gate=0.01), 0.01),
+        (with_stream(profile="sports", motion_gate=0.02), 0.02),
+        (with_stream(motion_gate="0.05"), 0.05),
+        (with_stream(motion_gate=1), 1.0),
+        # auto is resolved per stream, from the stream's own profile
+        ({"defaults": {"profile": "sports"}, **with_stream(profile="surveillance")}, GATE),
+        ({"defaults": {"motion_gate": "auto"}, **with_stream(profile="technical")}, 0.0),
+        ({"defaults": {"motion_gate": 0.1}, **with_stream(profile="highlights")}, 0.1),
+        ({"defaults": {"motion_gate": 0}, **with_stream()}, 0.0),
+    ],
+)
+def test_motion_gate_auto_is_the_profiles_gate(raw: dict[str, object], expected: float) -> None:
+    gate = parse_config(raw, {}).streams[0].motion_gate
+    assert isinstance(gate, float)
+    assert gate == expected
+
+
+def test_motion_gate_defaults_per_profile() -> None:
+    assert set(MOTION_GATE_AUTO) <= set(PROFILES)
+    assert 0 < GATE < 0.001  # two cells of the 64x64 grid pass it (bench/motion_gate.py)
+    gates = {p: parse_config(with_stream(profile=p), {}).streams[0].motion_gate for p in PROFILES}
+    assert gates == {p: GATE if p == "surveillance" else 0.0 for p in PROFILES}
+    assert (
+        parse_config({"defaults": {"profile": "sports"}, **MINIMAL}, {}).defaults.motion_gate == 0
+    )
+
+
+@pytest.mark.parametrize("value", ["fast", "", True, False, None, [0.1], {"auto": 1}])
+def test_motion_gate_rejects_other_values_in_one_line(value: object) -> None:
+    assert problems_of(with_stream(motion_gate=value)) == [
+        f"streams[0].motion_gate: must be a number from 0 to 1 (0 = off) or auto, not {value!r}"
+    ]
+
+
+def test_motion_gate_of_an_unknown_profile_adds_no_second_problem() -> None:
+    (problem,) = problems_of(with_stream(profile="nature"))
+    assert problem.startswith("streams[0].profile:"), problem
+
+
+def test_summary_names_each_streams_motion_gate() -> None:
+    raw = {
+        "streams": [
+            {"name": "yard", "url": "rtsp://h/a"},
+            {"name": "match", "url": "rtsp://h/b", "profile": "sports"},
+            {"name": "door", "url": "rtsp://h/c", "motion_gate": 0.01},
+        ]
+    }
+    lines = summarize(parse_config(raw, {})).splitlines()
+    assert lines[-3].endswith(f"motion gate {GATE:g} (profile default))")
+    assert lines[-2].endswith("motion gate off)")
+    assert lines[-1].endswith("motion gate 0.01)")

@@ -22,7 +22,13 @@ def config_for(url: str, port: int, **stream: object) -> dict[str, object]:
         "mqtt": {"enabled": False},
         "metrics": {"listen": f"127.0.0.1:{port}"},
         "shutdown_timeout_s": 5,
-        "defaults": {"window_s": 2, "stride_s": 1, "min_significance": 5, "cooldown_s": 0},
+        "defaults": {
+            "window_s": 2,
+            "stride_s": 1,
+            "min_significance": 5,
+            "cooldown_s": 0,
+            "motion_gate": 0,  # every window analysed: the gate has tests of its own
+        },
         "streams": [{"name": "cam", "url": url, **stream}],
     }
 

@@ -8,7 +8,7 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from streamd.config import Config
 from streamd.daemon import Daemon
+from streamd.domain import Score, ScoreRequest
 from streamd.errors import ExitCode, ModelError
 from streamd.sdnotify import SystemdNotifier
 from tests.broker import free_port
@@ -34,7 +35,13 @@ def make_config(streams: list[dict[str, Any]], **top: Any) -> Config:
             "mqtt": {"enabled": False},
             "metrics": {"listen": ""},
             "shutdown_timeout_s": 10,
-            "defaults": {"window_s": 2, "stride_s": 1, "min_significance": 5, "cooldown_s": 0},
+            "defaults": {
+                "window_s": 2,
+                "stride_s": 1,
+                "min_significance": 5,
+                "cooldown_s": 0,
+                "motion_gate": 0,  # every window analysed: the gate has tests of its own
+            },
             "streams": streams,
             **top,
         }
@@ -246,3 +253,42 @@ async def test_several_streams_share_one_slow_model_fairly(clips: ClipSet) -> No
         turns = [i for i, stream in enumerate(served) if stream == name]
         gaps = [b - a for a, b in itertools.pairwise(turns)]
         assert max(gaps) <= len(names) + 1, (name, served)
+
+
+class Recording(SlowBackend):
+    """Keeps every score it gave."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__(delay_s=delay_s)
+        self.scores: list[Score] = []
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[Score]:
+        scores = super().score(requests)
+        self.scores.extend(scores)
+        return scores
+
+
+@pytest.mark.parametrize(
+    ("names", "delay_s", "described"),
+    [
+        (("a",), 0.2, True),  # a window a second, answered in 0.2 s: time to spare
+        (("a", "b", "c"), 0.5, False),  # 1.5 s of model a round: another window always waits
+    ],
+)
+async def test_quiet_live_windows_are_described_when_the_model_has_time(
+    clips: ClipSet, names: tuple[str, ...], delay_s: float, described: bool
+) -> None:
+    streams = [{"name": n, "url": str(clips.static.path), "live": True} for n in names]
+    backend = Recording(delay_s)
+    daemon = make_daemon(make_config(streams), backend)  # describe_below_min: auto
+    stopper = asyncio.create_task(stop_when(daemon, lambda: len(backend.scores) >= 9, 25))
+    async with asyncio.timeout(SERVE_TIMEOUT_S + 10):
+        assert await daemon.serve() == ExitCode.OK
+    await stopper
+    quiet = [s for s in backend.scores if s.significance is not None and s.significance < 5]
+    assert len(quiet) >= 9
+    with_text = sum(1 for s in quiet if s.description)
+    if described:
+        assert with_text >= len(quiet) - 1, with_text
+    else:
+        assert with_text <= 2, with_text  # at most while the streams start up

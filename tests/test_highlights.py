@@ -16,6 +16,8 @@ from pathlib import Path
 import av
 import pytest
 
+from streamd import highlights
+from streamd.cli import _analyze_configs, build_parser
 from streamd.config import ModelConfig, StreamConfig
 from streamd.highlights import (
     Analysis,
@@ -33,6 +35,7 @@ from streamd.highlights import analyze as analyze_file
 from streamd.reel import plan_segments
 from streamd.timefmt import format_clock
 from tests.media import ClipInfo, ClipSet, Segment, render_frames, rgb_to_yuv420p, write_clip
+from tests.slow_backend import SlowBackend
 from tests.waiting import eventually
 
 
@@ -506,3 +509,71 @@ def test_ended_early_allows_the_last_sample_period() -> None:
 )
 def test_format_clock(seconds: float, with_hours: bool | None, text: str) -> None:
     assert format_clock(seconds, with_hours) == text
+
+
+# --- describing only what can become a highlight ------------------------------------------------
+
+
+@pytest.mark.parametrize("describe_all", [False, True])
+async def test_only_windows_that_can_become_highlights_are_described(
+    clips: ClipSet, describe_all: bool
+) -> None:
+    video = str(clips.long.path)  # black 10, bars 5, black 15, noise 10, black 20 (60 s)
+    args = build_parser().parse_args(
+        ["analyze", video, "--backend", "motion", "--window-s", "10", "--overlap-s", "5"]
+        + (["--describe-all"] if describe_all else [])
+    )
+    built = _analyze_configs(args)
+    assert not isinstance(built, list), built
+    stream, model = built
+    analysis = Analysis(model_id="motion")
+    await analyze_file(AnalyzeOptions(video, model, stream), probe(video), analysis, io.StringIO())
+    quiet = [s for s in analysis.spans if s.significance is not None and s.significance < 6]
+    loud = [s for s in analysis.spans if s.significance is not None and s.significance >= 6]
+    assert quiet
+    assert loud
+    assert all(s.description for s in loud)  # a highlight always has its description
+    assert [bool(s.description) for s in quiet] == [describe_all] * len(quiet)
+
+
+async def test_a_window_slower_than_the_stall_guard_does_not_abort_a_file(
+    clips: ClipSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each window takes 0.3 s against a 0.05 s model.timeout_s: a live daemon calls that a
+    # stall; a file keeps going while windows come back.
+    monkeypatch.setattr(highlights, "create_backend", lambda _model: SlowBackend(delay_s=0.3))
+    video = str(clips.static.path)
+    stream = StreamConfig(name="analyze", url=video, live=False, window_s=2, stride_s=2)
+    model = ModelConfig(backend="motion", timeout_s=0.05)
+    assert model.stall_timeout_s < 0.3
+    analysis = Analysis(model_id="motion")
+    async with asyncio.timeout(60):
+        await analyze_file(
+            AnalyzeOptions(video, model, stream), probe(video), analysis, io.StringIO()
+        )
+    assert analysis.complete
+    assert len(analysis.spans) >= 2
+    assert all(span.significance == 1 for span in analysis.spans)  # every window was scored
+
+
+async def test_consecutive_windows_of_a_file_share_a_batch(
+    clips: ClipSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An in-process model that takes 4 windows a call gets several of the file's at once.
+    backend = SlowBackend(delay_s=0.2, max_batch=4)
+    monkeypatch.setattr(highlights, "create_backend", lambda _model: backend)
+    video = str(clips.long.path)
+    stream = StreamConfig(name="analyze", url=video, live=False, window_s=4, stride_s=2)
+    analysis = Analysis(model_id="motion")
+    async with asyncio.timeout(60):
+        await analyze_file(
+            AnalyzeOptions(video, ModelConfig(backend="motion"), stream),
+            probe(video),
+            analysis,
+            io.StringIO(),
+        )
+    sizes = [len(call) for call in backend.calls]
+    assert max(sizes) >= 3, sizes
+    assert sum(sizes) == len(analysis.spans)
+    starts = [span.start_s for span in analysis.spans]
+    assert starts == sorted(starts)  # recorded in time order

@@ -1,11 +1,24 @@
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
+from fractions import Fraction
+from pathlib import Path
+
+import av
 import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
 
 from streamd import motion
+from streamd.config import StreamConfig
 from streamd.domain import Score, ScoreRequest, Window
+from streamd.metrics import Metrics
+from streamd.pipeline import StreamPipeline
 from streamd.scoring.motion_impl import MotionBackend
 from streamd.scoring.prompt import PROFILES
+from streamd.scoring.runner import ModelRunner
+from streamd.sinks import LogSink
 from tests.frames import bars, frame, solid
 
 
@@ -67,3 +80,117 @@ def test_single_frame() -> None:
     report = motion.analyse(make_window([solid(0)]).frames)
     assert report.peak == 0
     assert report.peak_index == 0
+
+
+# --- the thumbnail behind the gate ------------------------------------------------------------
+
+
+def test_a_small_object_between_strided_pixels_still_changes_its_cell() -> None:
+    before = np.full((512, 512, 3), 100, np.uint8)
+    after = before.copy()
+    after[3:7, 3:7] = 255  # 4x4 px, off the 8-px stride: a distant object
+    report = motion.analyse(make_window([before, after]).frames)
+    assert report.peak == 1 / motion.GRID**2  # exactly its one cell
+
+
+def test_sensor_noise_averages_out() -> None:
+    rng = np.random.default_rng(0)
+    base = np.full((512, 512, 3), 100.0)
+    noisy = [np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8) for _ in "ab"]
+    assert motion.analyse(make_window(noisy).frames).peak == 0  # +-12 levels a pixel
+
+
+# --- the surveillance default on real video ---------------------------------------------------
+
+CLIP_S, FPS, SIZE = 32, 10, (160, 90)
+EVENT_S = (20.3, 23.3)
+"""A person-sized figure crosses then; windows (8 s every 4 s) at 16 and 20 s overlap it."""
+
+
+def write_scene(path: Path) -> None:
+    """A textured still scene with sensor noise, H.264 at a camera's bitrate, one crossing."""
+    width, height = SIZE
+    rng = np.random.default_rng(3)
+    coarse = rng.integers(60, 190, (height // 6 + 1, width // 6 + 1)).astype(np.int16)
+    scene = np.kron(coarse, np.ones((6, 6), np.int16))[:height, :width]
+    noise = [rng.normal(0, 3, (height, width)).astype(np.int16) for _ in range(7)]
+    chroma = np.full((height // 2, width), 128, np.uint8)
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream(
+            "libx264",
+            rate=FPS,
+            options={"preset": "ultrafast", "threads": "1", "bf": "0", "b": "150k"},
+        )
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, FPS)
+        for index in range(CLIP_S * FPS):
+            t = index / FPS
+            luma = scene.copy()
+            progress = (t - EVENT_S[0]) / (EVENT_S[1] - EVENT_S[0])
+            if 0 <= progress <= 1:  # 8x20 px (5% x 22%): a person across the yard
+                x = round(10 + progress * (width - 28))
+                luma[55:75, x : x + 8] = 30
+            luma = np.clip(luma + noise[index % len(noise)], 16, 235).astype(np.uint8)
+            frame = av.VideoFrame.from_ndarray(np.concatenate([luma, chroma]), format="yuv420p")
+            frame.pts = index
+            frame.time_base = Fraction(1, FPS)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+
+@pytest.fixture(scope="module")
+def crossing(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("motion") / "crossing.mp4"
+    write_scene(path)
+    return path
+
+
+class Recorder(MotionBackend):
+    """The motion backend, noting the start of every window it scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.starts: list[float] = []
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[Score]:
+        self.starts.extend(r.window.start_s for r in requests)
+        return super().score(requests)
+
+
+async def run_defaults(url: str, **stream: object) -> tuple[CollectorRegistry, list[float]]:
+    """The pipeline over a file at the stream defaults (8 s windows every 4 s, 1 fps)."""
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    config = StreamConfig.model_validate({"name": "cam", "url": url, **stream})
+    backend = Recorder()
+    async with ModelRunner(backend, metrics, timeout_s=10) as runner:
+        scheduler = asyncio.create_task(runner.run())
+        try:
+            async with asyncio.timeout(30):
+                await StreamPipeline(config, runner, LogSink(), metrics).run()
+        finally:
+            scheduler.cancel()
+    return registry, backend.starts
+
+
+@pytest.mark.parametrize(
+    ("stream", "analysed"),
+    [
+        ({}, [16.0, 20.0]),  # surveillance, motion_gate auto: only the crossing's windows
+        ({"profile": "sports"}, [0.0, 4.0, 8.0, 12.0, 16.0, 20.0, 24.0]),  # auto is off there
+        ({"motion_gate": 0}, [0.0, 4.0, 8.0, 12.0, 16.0, 20.0, 24.0]),  # explicitly off
+    ],
+)
+async def test_default_surveillance_gate_skips_static_windows_only(
+    crossing: Path, stream: dict[str, object], analysed: list[float]
+) -> None:
+    registry, starts = await run_defaults(str(crossing), **stream)
+
+    def value(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, {"stream": "cam", **labels}) or 0.0
+
+    assert value("streamd_windows_total") == 7  # 32 s: windows at 0, 4, ... 24 s
+    assert sorted(starts) == analysed
+    assert value("streamd_windows_analyzed_total") == len(analysed)
+    gated = value("streamd_windows_dropped_total", reason="motion_gate")
+    assert gated == 7 - len(analysed)

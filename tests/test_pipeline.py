@@ -25,7 +25,14 @@ from tests.slow_backend import SlowBackend
 async def run_file(url: str, backend: SlowBackend, **stream: object) -> CollectorRegistry:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    settings = {"window_s": 2, "stride_s": 1, "min_significance": 5, "cooldown_s": 0, **stream}
+    settings = {
+        "window_s": 2,
+        "stride_s": 1,
+        "min_significance": 5,
+        "cooldown_s": 0,
+        "motion_gate": 0,  # unless a test sets one
+        **stream,
+    }
     config = StreamConfig.model_validate({"name": "cam", "url": url, **settings})
     async with ModelRunner(backend, metrics, timeout_s=10) as runner:
         scheduler = asyncio.create_task(runner.run())

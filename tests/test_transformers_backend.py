@@ -172,7 +172,7 @@ def reference_generate(backend: TransformersBackend, req: ScoreRequest, answer: 
 def test_loads_from_a_directory(backend: TransformersBackend, tiny_model_dir: Path) -> None:
     assert isinstance(backend, ScoringBackend)
     assert backend.name == "transformers"
-    assert backend.describe() == f"{tiny_model_dir} on cpu (float32)"
+    assert backend.describe() == f"{tiny_model_dir} on cpu (float32, {backend.threads} threads)"
     assert backend.input_size == (IMAGE_SIZE, IMAGE_SIZE)
     assert backend.max_batch == 4
     # SmolLM-style tokenizer: "Significance: 8" is ":" "Ġ" "8", so the score follows a space.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-from streamd.domain import Score, ScoreRequest
+from streamd.domain import Frame, Score, ScoreRequest
 
 
 @runtime_checkable
@@ -40,8 +40,21 @@ class ScoringBackend(Protocol):
         """
         ...
 
+    @property
+    def encodes_ahead(self) -> bool:
+        """Whether ``encode_ahead`` does anything (a per-frame vision cache to fill)."""
+        ...
+
     def load(self) -> None:
         """Load weights; raise ``ModelError`` with a message naming the model and a fix."""
+        ...
+
+    def encode_ahead(self, frames: Sequence[Frame]) -> int:
+        """Run the per-frame work (the vision encoder) for frames whose windows are not cut yet.
+
+        Called when no window waits, so a window's frames are ready when it is cut. Returns how
+        many frames were encoded (frames already cached cost nothing).
+        """
         ...
 
     def warm_up(self) -> None:

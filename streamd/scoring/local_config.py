@@ -13,6 +13,8 @@ DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 LocalBackend = Literal["auto", "transformers", "mlx", "motion"]
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 DTYPES: tuple[str, ...] = get_args(Dtype)
+VisionQuantize = Literal["none", "int8"]
+VISION_QUANTIZE: tuple[str, ...] = get_args(VisionQuantize)
 
 
 class ModelConfig(Section):
@@ -27,6 +29,23 @@ class ModelConfig(Section):
     max_new_tokens: int = Field(64, ge=1, le=1024, description="longest description, in tokens")
     timeout_s: float = Field(
         120.0, gt=0, le=3600, description="one window's analysis longer than this stalls the runner"
+    )
+    threads: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description=(
+            "torch CPU threads; 0: $OMP_NUM_THREADS, else the cores this process may use."
+            " Two instances on one box: split the cores between them"
+        ),
+    )
+    vision_quantize: VisionQuantize = Field(
+        "none",
+        description=(
+            "int8: the vision encoder's linear layers in int8 (transformers on CPU, float32"
+            " only), 1.3-1.55x faster vision on an AVX2 CPU; features differ slightly from float32,"
+            " so scores may too (bench/vision.py measures both)"
+        ),
     )
 
     @field_validator("device")

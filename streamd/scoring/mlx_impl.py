@@ -15,7 +15,7 @@ import numpy.typing as npt
 from mlx_vlm.models.cache import make_prompt_cache
 
 from streamd.config import ModelConfig
-from streamd.domain import Score, ScoreRequest, StageTimings, Window
+from streamd.domain import Frame, Score, ScoreRequest, StageTimings, Window
 from streamd.errors import ModelError
 from streamd.scoring.mlx_checkpoint import MlxCheckpoint, load_checkpoint
 from streamd.scoring.prompt import clean_description
@@ -81,6 +81,15 @@ class MlxBackend:
     def checkpoint(self) -> MlxCheckpoint:
         """The loaded model and its facts; ``ModelError`` before ``load``."""
         return smolvlm.loaded(self._checkpoint, self.model_id)
+
+    @property
+    def encodes_ahead(self) -> bool:
+        """No per-frame work to do ahead of a window."""
+        return False
+
+    def encode_ahead(self, frames: Sequence[Frame]) -> int:
+        """Nothing to encode ahead."""
+        return 0
 
     def load(self) -> None:
         """Load the checkpoint; raises ``ModelError`` with one line naming the model and a fix.
@@ -233,7 +242,7 @@ class MlxBackend:
             if not fed_one:
                 for layer_cache in cache:
                     layer_cache.trim(1)
-        answers_of.finish(answer, fed_one, request.describe_below)
+        answers_of.finish(answer, fed_one, request.describe_threshold())
         return answer
 
     def _generate(

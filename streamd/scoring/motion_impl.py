@@ -8,7 +8,7 @@ from dataclasses import replace
 
 from streamd import motion
 from streamd.config import ModelConfig
-from streamd.domain import Score, ScoreRequest, StageTimings
+from streamd.domain import Frame, Score, ScoreRequest, StageTimings
 
 INPUT_SIZE = (512, 512)
 """Same as SmolVLM2's, so snapshots look the same whichever backend made them."""
@@ -43,6 +43,15 @@ class MotionBackend:
         """Windows per ``score`` call."""
         return 16
 
+    @property
+    def encodes_ahead(self) -> bool:
+        """No per-frame work to do ahead of a window."""
+        return False
+
+    def encode_ahead(self, frames: Sequence[Frame]) -> int:
+        """Nothing to encode ahead."""
+        return 0
+
     def load(self) -> None:
         """Nothing to load."""
 
@@ -61,7 +70,8 @@ class MotionBackend:
         frames = request.window.frames
         report = motion.analyse(frames)
         significance = motion.significance_of(report.peak)
-        skip = request.describe_below is not None and significance < request.describe_below
+        threshold = request.describe_threshold()
+        skip = threshold is not None and significance < threshold
         description = "" if skip else motion.describe(report, frames)
         return Score(
             significance=significance,

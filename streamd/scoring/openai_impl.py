@@ -183,6 +183,15 @@ class OpenAIBackend:
 
     # --- lifecycle ----------------------------------------------------------------------------
 
+    @property
+    def encodes_ahead(self) -> bool:
+        """No per-frame work to do ahead of a window."""
+        return False
+
+    def encode_ahead(self, frames: Sequence[Frame]) -> int:
+        """Nothing to encode ahead."""
+        return 0
+
     def load(self) -> None:
         """Connect and check that the server serves ``model.id``.
 
@@ -303,7 +312,7 @@ class OpenAIBackend:
         prefix cache), else as a whole answer.
         """
         full = self.config.max_new_tokens
-        describe_below = item.request.describe_below
+        describe_below = item.request.describe_threshold()
         if describe_below is None:
             return _Answer(await self._completion(item, self._body(item, full)))
         prefix = SCORE_PREFIX if self.config.continue_final_message else None

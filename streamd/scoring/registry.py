@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from streamd.scoring.local_config import DTYPES, ModelConfig
+from streamd.scoring.local_config import DTYPES, VISION_QUANTIZE, ModelConfig
 from streamd.scoring.openai_config import OpenAIModelConfig
 
 
@@ -39,6 +39,13 @@ class CliOption:
 LOCAL_OPTIONS = (
     CliOption("--device", "device", "auto | cuda | cuda:N | mps | cpu", "DEVICE"),
     CliOption("--dtype", "dtype", "auto picks from the hardware", choices=DTYPES),
+    CliOption("--threads", "threads", "torch CPU threads (default: the usable cores)", "N"),
+    CliOption(
+        "--vision-quantize",
+        "vision_quantize",
+        "int8: faster vision on CPU, float32 only (default none)",
+        choices=VISION_QUANTIZE,
+    ),
 )
 REMOTE_OPTIONS = (
     CliOption("--base-url", "base_url", "the server's API root, e.g. http://gpu:8000/v1", "URL"),

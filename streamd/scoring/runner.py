@@ -8,10 +8,12 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
 
-from streamd.domain import Score, ScoreRequest
+from streamd.domain import Frame, Score, ScoreRequest
 from streamd.errors import ModelError
 from streamd.metrics import Metrics
 from streamd.scoring.base import ScoringBackend
@@ -22,6 +24,11 @@ LOAD_TIMEOUT_S = 1800.0
 """Loading may include a first download of the weights; beyond this something is wrong."""
 CLOSE_TIMEOUT_S = 10.0
 """Releasing the model (freeing device memory) should take well under this."""
+AHEAD_FRAMES = 64
+"""Frames waiting to be encoded ahead of their windows; the oldest go first past this."""
+AHEAD_CALL_S = 0.5
+"""An encode-ahead call takes about this long at most, so a window that arrives meanwhile
+waits little: the number of frames per call follows the measured seconds per frame."""
 
 
 @dataclass(slots=True)
@@ -44,13 +51,23 @@ class ModelRunner:
     streams go in one call.
 
     A call that outlives ``timeout_s`` cannot be killed: the runner marks itself stalled, fails
-    every waiter with ``ModelError`` and accepts nothing until the stuck call returns.
+    every waiter with ``ModelError`` and accepts nothing until the stuck call returns. With
+    ``timeout_s`` None there is no such guard (``analyze``: a slow window is still progress).
     """
 
     def __init__(
-        self, backend: ScoringBackend, metrics: Metrics, timeout_s: float, *, warm_up: bool = True
+        self,
+        backend: ScoringBackend,
+        metrics: Metrics,
+        timeout_s: float | None,
+        *,
+        warm_up: bool = True,
+        one_stream_batches: bool = False,
     ) -> None:
         self.backend = backend
+        # One stream's consecutive windows may share a call (``analyze``: a file is the only
+        # stream); live, a batch takes one window per stream, for fairness.
+        self._one_stream_batches = one_stream_batches
         self.timeout_s = timeout_s
         self._metrics = metrics
         self._warm_up = warm_up
@@ -61,13 +78,46 @@ class ModelRunner:
         self._queue: deque[_Job] = deque()
         self._wake = asyncio.Event()
         self.ready = False
-        self._calls: set[concurrent.futures.Future[list[Score]]] = set()
+        self._calls: set[concurrent.futures.Future[Any]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.stalled_since: float | None = None
         # The last call's failure when the backend named one for /healthz ("model server
         # unreachable"); None once a call succeeds.
         self.problem: str | None = None
+        self._demand: list[Callable[[], bool]] = []
+        self._ahead: deque[Frame] = deque()
+        self._ahead_frame_s = AHEAD_CALL_S  # until measured: one frame a call
         metrics.model_calls_in_flight.set_function(lambda: len(self._calls))
+
+    def add_demand(self, waiting: Callable[[], bool]) -> None:
+        """Register a place where windows wait before they reach the runner.
+
+        ``waiting()`` (called from model threads: a cheap, lock-free read) says whether a window
+        is waiting there now; a live pipeline registers its mailbox.
+        """
+        self._demand.append(waiting)
+
+    def offer_frame(self, frame: Frame) -> None:
+        """A frame that future windows will hold: encode it when no window waits.
+
+        A no-op unless the backend has per-frame work (``encodes_ahead``). Bounded: past
+        ``AHEAD_FRAMES`` the oldest offer is dropped (counted); its window encodes it.
+        """
+        if not self.ready or not self.backend.encodes_ahead:
+            return
+        if len(self._ahead) >= AHEAD_FRAMES:
+            self._ahead.popleft()
+            self._metrics.vision_ahead.labels(outcome="dropped").inc()
+        self._ahead.append(frame)
+        self._wake.set()
+
+    def has_spare_time(self) -> bool:
+        """Whether no window waits for the model: none queued here, none in a registered place.
+
+        A quiet window's description (``ScoreRequest.spare``) is then free: it delays nobody.
+        Safe from any thread: reads of a deque's length and of the registered flags.
+        """
+        return not self._queue and not any(waiting() for waiting in self._demand)
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -145,14 +195,20 @@ class ModelRunner:
         """The scheduler task: take waiting windows in arrival order, batch, score, answer."""
         while True:
             while (
-                not self._queue or self.stalled_since is not None or len(self._tasks) >= self._slots
+                not (self._queue or self._ahead)
+                or self.stalled_since is not None
+                or len(self._tasks) >= self._slots
             ):
                 self._wake.clear()
                 await self._wake.wait()
             batch = self._take_batch()
-            if not batch:
+            if batch:
+                call = self._serve(batch)
+            elif not self._queue and self._ahead:  # nothing waits: encode frames ahead
+                call = self._serve_ahead(self._take_ahead())
+            else:
                 continue
-            task = asyncio.create_task(self._serve(batch), name="streamd.model.call")
+            task = asyncio.create_task(call, name="streamd.model.call")
             self._tasks.add(task)
             task.add_done_callback(self._call_done)
 
@@ -169,12 +225,46 @@ class ModelRunner:
             if job.future.done():  # the waiter went away (shutdown)
                 self._queue.remove(job)
                 continue
-            if job.request.window.stream in streams:
+            if job.request.window.stream in streams and not self._one_stream_batches:
                 continue  # one window per stream per batch: fairness
             streams.add(job.request.window.stream)
             batch.append(job)
             self._queue.remove(job)
+        if batch and self._ahead:  # a window's own call encodes its frames: not ahead of it
+            last = {
+                job.request.window.stream: job.request.window.frames[-1].index
+                for job in batch
+                if job.request.window.frames
+            }
+            self._ahead = deque(
+                frame for frame in self._ahead if frame.index > last.get(frame.stream, -1)
+            )
         return batch
+
+    def _take_ahead(self) -> list[Frame]:
+        count = max(1, int(AHEAD_CALL_S / max(self._ahead_frame_s, 1e-6)))
+        return [self._ahead.popleft() for _ in range(min(count, len(self._ahead)))]
+
+    async def _serve_ahead(self, frames: list[Frame]) -> None:
+        """Encode ``frames`` ahead of their windows; a failure is left to their windows."""
+        call = self._executor.submit(self.backend.encode_ahead, frames)
+        self._calls.add(call)
+        call.add_done_callback(self._calls.discard)
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                encoded = await asyncio.wrap_future(call)
+        except TimeoutError:
+            self._metrics.model_errors.labels(reason="stalled").inc()
+            self._stall(call, [])
+            return
+        except Exception as exc:  # the windows' own calls report it
+            logger.debug("encoding %d frames ahead failed: %s", len(frames), exc)
+            return
+        if encoded:
+            self._ahead_frame_s = (time.monotonic() - started) / encoded
+            self._metrics.vision_ahead.labels(outcome="encoded").inc(encoded)
+            self._metrics.vision_cache_misses.inc(encoded)
 
     async def _serve(self, batch: list[_Job]) -> None:
         if not batch:
@@ -232,7 +322,7 @@ class ModelRunner:
         tokens.labels(type="prompt").inc(sum(s.timings.prompt_tokens for s in scores))
         tokens.labels(type="completion").inc(sum(s.timings.completion_tokens for s in scores))
 
-    def _stall(self, call: concurrent.futures.Future[list[Score]], batch: list[_Job]) -> None:
+    def _stall(self, call: concurrent.futures.Future[Any], batch: list[_Job]) -> None:
         self.stalled_since = time.monotonic()
         logger.error(
             "model stalled: no answer within %.0fs; refusing windows until it returns",
@@ -244,7 +334,7 @@ class ModelRunner:
         self._fail_queue(error)
         loop = asyncio.get_running_loop()
 
-        def returned(_call: concurrent.futures.Future[list[Score]]) -> None:
+        def returned(_call: concurrent.futures.Future[Any]) -> None:
             with contextlib.suppress(RuntimeError):  # the loop is gone: nothing to recover
                 loop.call_soon_threadsafe(self._recover)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -25,3 +28,31 @@ def amx_available() -> bool:
         return "amx_bf16" in Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
     except OSError:
         return False
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on: its affinity mask (systemd ``CPUAffinity=``, taskset)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def configure_threads(requested: int, environ: Mapping[str, str] = os.environ) -> int:
+    """Set torch's CPU threads once, before the model runs; returns the intra-op count.
+
+    ``requested`` > 0 is used as is; 0 keeps ``$OMP_NUM_THREADS`` when set, else one thread
+    per usable core. Inter-op parallelism is 1: the runner calls the model from one thread,
+    and a second pool would only compete with the first for the same cores.
+    """
+    if requested > 0:
+        threads = requested
+    elif environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+        threads = max(1, int(environ["OMP_NUM_THREADS"]))
+    else:
+        threads = usable_cores()
+    torch.set_num_threads(threads)
+    # Only settable before the first parallel work: a second backend in one process keeps it.
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(1)
+    return threads

@@ -6,39 +6,36 @@ import gc
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from streamd.config import ModelConfig
-from streamd.domain import Score, ScoreRequest, StageTimings
+from streamd.domain import Frame, Score, ScoreRequest, StageTimings
 from streamd.errors import ModelError
 from streamd.scoring.smolvlm import checkpoint as smolvlm
-from streamd.scoring.smolvlm.checkpoint import DEFAULT_MIN_DIGIT_MASS, WARM_UP_STREAM, DigitTokens
+from streamd.scoring.smolvlm.checkpoint import (
+    DEFAULT_MIN_DIGIT_MASS,
+    FREE_TEXT_EXTRA_TOKENS,
+    WARM_UP_STREAM,
+    DigitTokens,
+)
 from streamd.scoring.smolvlm.reader import Answer, AnswerReader
 from streamd.scoring.smolvlm.vision_cache import (
     DEFAULT_CAPACITY_FRAMES,
     FrameEncoder,
     FrameFeatureCache,
 )
+from streamd.scoring.torch_cpu import configure_threads
 from streamd.scoring.transformers_checkpoint import Checkpoint, load_checkpoint
+from streamd.scoring.transformers_decode import DecodeState, RowPlan, TextDecoder
+from streamd.scoring.transformers_kv import DEFAULT_PREFIX_ENTRIES, PrefixCache
+from streamd.scoring.vision_quantize import apply_vision_quantize
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 4
-
-
-@dataclass(slots=True)
-class _DecodeState:
-    """KV cache and per-row bookkeeping of one ``score`` call's batch (left-padded rows)."""
-
-    cache: object
-    mask: torch.Tensor
-    """``(rows, tokens so far)``, 1 for real tokens, 0 for padding (also mid-sequence)."""
-    next_position: torch.Tensor
-    """``(rows,)``: position id of each row's next real token."""
-    logits: torch.Tensor
-    """``(rows, vocab)`` float32 logits of each row's next token."""
+ANSWER_TOKENS = 16
+"""KV columns reserved for the answer's own tokens (digits, "Description:") before the text."""
 
 
 class TransformersBackend:
@@ -47,13 +44,16 @@ class TransformersBackend:
     Each frame goes through the vision encoder once: its features are cached by
     ``(stream, frame.index)`` and scattered into every overlapping window's prompt. The score
     is read from the next-token probabilities of the digit tokens right after the answer
-    prefix; only the description is generated.
+    prefix; only the description is generated. The text before the first frame (system
+    prompt, preamble) is the same for every window of a stream: its KV is kept by exact token
+    ids (``PrefixCache``) and only the rest of each prompt is prefilled.
 
     Args:
         config: Model id, device, dtype and description length.
         max_batch: Most windows per ``score`` call.
         min_digit_mass: See ``DEFAULT_MIN_DIGIT_MASS``.
         cache_capacity: Hard cap of cached frames (all streams).
+        prefix_entries: Text prefixes whose KV is kept; 0 prefills every prompt in full.
     """
 
     name = "transformers"
@@ -65,6 +65,7 @@ class TransformersBackend:
         max_batch: int = DEFAULT_MAX_BATCH,
         min_digit_mass: float = DEFAULT_MIN_DIGIT_MASS,
         cache_capacity: int = DEFAULT_CAPACITY_FRAMES,
+        prefix_entries: int = DEFAULT_PREFIX_ENTRIES,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, not {max_batch}")
@@ -73,9 +74,13 @@ class TransformersBackend:
         self._max_batch = max_batch
         self._min_digit_mass = min_digit_mass
         self.cache = FrameFeatureCache(cache_capacity)
+        self.prefix_cache = PrefixCache(prefix_entries) if prefix_entries else None
         self._checkpoint: Checkpoint | None = None
+        self._decoder: TextDecoder | None = None
         self._reader: AnswerReader | None = None
         self._encoder: FrameEncoder | None = None
+        self.threads = 0
+        """torch's CPU threads, once loaded."""
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -110,7 +115,9 @@ class TransformersBackend:
 
     def load(self) -> None:
         """Load the checkpoint; raises ``ModelError`` with one line naming the model and a fix."""
+        self.threads = configure_threads(self._config.threads)
         checkpoint = load_checkpoint(self._config)
+        apply_vision_quantize(checkpoint, self._config.vision_quantize)
         self._checkpoint = checkpoint
         self._reader = AnswerReader.of(
             checkpoint, self._min_digit_mass, self._config.max_new_tokens
@@ -123,6 +130,8 @@ class TransformersBackend:
             self.cache,
             checkpoint.synchronize,
         )
+        reserve = self._config.max_new_tokens + FREE_TEXT_EXTRA_TOKENS + ANSWER_TOKENS
+        self._decoder = TextDecoder(checkpoint, reserve, self.prefix_cache)
         mode = (
             f"digit logits after {checkpoint.digits.lead!r}" if checkpoint.digits else "free text"
         )
@@ -137,6 +146,8 @@ class TransformersBackend:
         """Score one throwaway 2-frame window: the first real one then pays no one-off cost."""
         self.score([smolvlm.warm_up_request(*self.input_size)])
         self.cache.discard_stream(WARM_UP_STREAM)
+        if self.prefix_cache is not None:  # a 2-frame window's preamble: no real one has it
+            self.prefix_cache.clear()
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[Score]:
         """Score up to ``max_batch`` windows in one batch; one ``Score`` per request, in order.
@@ -164,6 +175,16 @@ class TransformersBackend:
                 f"scoring failed on {checkpoint.device}: {smolvlm.first_line(exc)}"
             ) from exc
 
+    @property
+    def encodes_ahead(self) -> bool:
+        """Frames can be encoded before their windows: the vision cache keeps them."""
+        return True
+
+    def encode_ahead(self, frames: Sequence[Frame]) -> int:
+        """Run the vision encoder on ``frames`` not cached yet, in one batch (any streams)."""
+        self._loaded()
+        return self.frame_encoder.encode_ahead(frames)
+
     def prompt_text(self, request: ScoreRequest) -> str:
         """The exact text the model reads for ``request``, up to where the score is read."""
         checkpoint = self._loaded()
@@ -184,7 +205,9 @@ class TransformersBackend:
         if self._checkpoint is None:
             return f"{self.model_id} (not loaded)"
         dtype = str(self._checkpoint.dtype).removeprefix("torch.")
-        return f"{self.model_id} on {self._checkpoint.device} ({dtype})"
+        device = self._checkpoint.device
+        threads = f", {self.threads} threads" if device.type == "cpu" else ""
+        return f"{self.model_id} on {device} ({dtype}{threads})"
 
     def close(self) -> None:
         """Drop the model and the cached features, and hand the memory back."""
@@ -192,7 +215,10 @@ class TransformersBackend:
         self._checkpoint = None
         self._reader = None
         self._encoder = None
+        self._decoder = None
         self.cache.clear()
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
         gc.collect()
         if device is not None and device.type == "cuda":
             torch.cuda.empty_cache()
@@ -228,64 +254,16 @@ class TransformersBackend:
 
     def _prefill(
         self, checkpoint: Checkpoint, requests: Sequence[ScoreRequest], features: list[torch.Tensor]
-    ) -> _DecodeState:
+    ) -> DecodeState:
         prompts = [checkpoint.encode(self.prompt_text(request)) for request in requests]
         for prompt, frame_features in zip(prompts, features, strict=True):
             # masked_scatter would quietly take the first rows of too many features.
             if prompt.count(checkpoint.image_token_id) != len(frame_features):
                 raise ModelError(f"{self.model_id}: image tokens and vision features disagree")
-        width = max(len(prompt) for prompt in prompts)
-        ids = torch.full((len(prompts), width), checkpoint.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):  # left padding: every row ends where it reads
-            ids[row, width - len(prompt) :] = torch.tensor(prompt)
-            mask[row, width - len(prompt) :] = 1
-        ids, mask = ids.to(checkpoint.device), mask.to(checkpoint.device)
-        embeds = checkpoint.model.get_input_embeddings()(ids)
-        if any(len(frame_features) for frame_features in features):
-            image_slots = (ids == checkpoint.image_token_id).unsqueeze(-1)
-            image_rows = torch.cat([f for f in features if len(f)]).to(embeds.dtype)
-            embeds = embeds.masked_scatter(image_slots, image_rows)
-        # As generate() does for left padding: real tokens count from 0, padding sits at 1.
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        output = checkpoint.model(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return _DecodeState(output.cache, mask, mask.sum(-1), output.logits[:, -1].float())
-
-    def _extend(self, checkpoint: Checkpoint, state: _DecodeState, feeds: list[list[int]]) -> None:
-        """Append each row's tokens (rows may get none), right-aligned so each ends last."""
-        width = max(len(feed) for feed in feeds)
-        if width == 0:
-            return
-        ids = torch.full((len(feeds), width), checkpoint.pad_token_id, dtype=torch.long)
-        valid = torch.zeros((len(feeds), width), dtype=torch.long)
-        for row, feed in enumerate(feeds):
-            if feed:
-                ids[row, width - len(feed) :] = torch.tensor(feed)
-                valid[row, width - len(feed) :] = 1
-        ids, valid = ids.to(checkpoint.device), valid.to(checkpoint.device)
-        positions = (state.next_position[:, None] + valid.cumsum(-1) - 1).clamp(min=0)
-        state.mask = torch.cat([state.mask, valid], dim=-1)
-        output = checkpoint.model(
-            input_ids=ids,
-            attention_mask=state.mask,
-            position_ids=positions,
-            cache=state.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        state.cache = output.cache
-        fed = valid[:, -1].bool().unsqueeze(-1)
-        state.logits = torch.where(fed, output.logits[:, -1].float(), state.logits)
-        state.next_position = state.next_position + valid.sum(-1)
+        return self._text_decoder().prefill(prompts, features)
 
     def _read_scores(
-        self, checkpoint: Checkpoint, state: _DecodeState, requests: Sequence[ScoreRequest]
+        self, checkpoint: Checkpoint, state: DecodeState, requests: Sequence[ScoreRequest]
     ) -> list[Answer]:
         """Pick each row's most likely complete answer, "1" to "10", from the digit logits."""
         answers_of = self._answer_reader()
@@ -299,19 +277,19 @@ class TransformersBackend:
         check = [answers_of.wants_one_or_ten(a, p) for a, p in zip(answers, probs, strict=True)]
         keeps_one = [False] * len(answers)
         if any(check):
-            self._extend(checkpoint, state, [[digits.digit_ids[1]] if c else [] for c in check])
+            self._text_decoder().extend(state, [[digits.digit_ids[1]] if c else [] for c in check])
             p_zero = state.logits.softmax(-1)[:, digits.digit_ids[0]].tolist()
             for row, answer in enumerate(answers):
                 if check[row]:
                     keeps_one[row] = answers_of.settle(answer, probs[row], p_zero[row])
-                    if not keeps_one[row]:
-                        _hide_one(state, row)
+                    if not keeps_one[row]:  # masked out for good, its position id reused
+                        state.hide_last(row)
         for row, (answer, request) in enumerate(zip(answers, requests, strict=True)):
-            answers_of.finish(answer, keeps_one[row], request.describe_below)
+            answers_of.finish(answer, keeps_one[row], request.describe_threshold())
         return answers
 
     def _generate(
-        self, checkpoint: Checkpoint, state: _DecodeState, answers: list[Answer]
+        self, checkpoint: Checkpoint, state: DecodeState, answers: list[Answer]
     ) -> tuple[list[str], list[int]]:
         """Greedy decode of every row that wants text, each stopping on its own.
 
@@ -320,19 +298,20 @@ class TransformersBackend:
         """
         if not any(answer.generate for answer in answers):
             return ["" for _ in answers], [0 for _ in answers]
-        self._extend(checkpoint, state, [a.feed if a.generate else [] for a in answers])
+        decoder = self._text_decoder()
+        decoder.extend(state, [a.feed if a.generate else [] for a in answers])
         answers_of = self._answer_reader()
-        limits = [answers_of.limit(answer) for answer in answers]
-        active = [answer.generate for answer in answers]
+        plans = [
+            RowPlan(answers_of.limit(a) if a.generate else 0, one_line=not a.free_text)
+            for a in answers
+        ]
         tokens: list[list[int]] = [[] for _ in answers]
-        while any(active):
-            choices = state.logits.argmax(-1).tolist()
-            for row, token in enumerate(choices):
-                if active[row]:
-                    active[row] = answers_of.take(answers[row], tokens[row], token, limits[row])
-            if any(active):
-                feeds = [[tokens[row][-1]] if active[row] else [] for row in range(len(answers))]
-                self._extend(checkpoint, state, feeds)
+        for answer, plan, row, kept in zip(
+            answers, plans, decoder.greedy(state, plans), tokens, strict=True
+        ):
+            for token in row:  # where each row stopped: what the reader keeps of it
+                if not answers_of.take(answer, kept, token, plan.limit):
+                    break
         texts: list[str] = checkpoint.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         return texts, [len(row) for row in tokens]
 
@@ -344,8 +323,5 @@ class TransformersBackend:
     def _answer_reader(self) -> AnswerReader:
         return smolvlm.loaded(self._reader, self.model_id)
 
-
-def _hide_one(state: _DecodeState, row: int) -> None:
-    """Hide the "1" fed to tell 1 from 10: masked out for good, its position id reused."""
-    state.mask[row, -1] = 0
-    state.next_position[row] -= 1
+    def _text_decoder(self) -> TextDecoder:
+        return smolvlm.loaded(self._decoder, self.model_id)

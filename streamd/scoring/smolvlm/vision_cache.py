@@ -181,6 +181,18 @@ class FrameEncoder:
         ]
         return EncodedWindows(features, hits, misses, seconds)
 
+    def encode_ahead(self, frames: Sequence[Frame]) -> int:
+        """Encode and cache those of ``frames`` not cached yet; returns how many were encoded."""
+        pending = {
+            (frame.stream, frame.index): frame
+            for frame in frames
+            if (frame.stream, frame.index) not in self.cache
+        }
+        if pending:
+            self._encode_frames(pending)
+            self._synchronize()
+        return len(pending)
+
     def _encode_frames(self, frames: dict[FrameKey, Frame]) -> dict[FrameKey, torch.Tensor]:
         keys = list(frames)
         encoded: dict[FrameKey, torch.Tensor] = {}
