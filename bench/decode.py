@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import platform
 import random
 import statistics
 import tempfile
@@ -47,6 +46,7 @@ from transformers import SmolVLMForConditionalGeneration, StaticCache
 
 from streamd.config import ModelConfig
 from streamd.domain import Frame, ScoreRequest, Window
+from streamd.hardware import this_cpu
 from streamd.scoring.prompt import PROFILES
 from streamd.scoring.transformers_checkpoint import Checkpoint
 from streamd.scoring.transformers_decode import RowPlan, TextDecoder
@@ -58,7 +58,6 @@ SIDE = 512
 RESERVE = 64
 PREFILLS = 3
 """Prefills per race of each prefill variant (decode variants give one step per token)."""
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
 Tokens = list[list[int]]
 Variant = Callable[[], Tokens]
 
@@ -263,21 +262,8 @@ class Bench:
 
 def cpu_summary() -> str:
     """CPU model, the SIMD/AMX flags that decide the kernels, torch threads."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace").splitlines()
-    except OSError:
-        lines = []
-    model = next(
-        (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
-        platform.processor(),
-    )
-    flags_line = next((line for line in lines if line.startswith("flags")), "")
-    flags = set(flags_line.split(":", 1)[-1].split())
-    shown = " ".join(f"{flag}={'yes' if flag in flags else 'no'}" for flag in CPU_FLAGS)
-    cores = sum(line.startswith("processor") for line in lines)
     return (
-        f"cpu: {model}, {cores} logical cores; {shown}\n"
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"cpu: {this_cpu().summary()}\ntorch {torch.__version__}, {torch.get_num_threads()} threads"
     )
 
 

@@ -32,7 +32,6 @@ import asyncio
 import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -48,6 +47,7 @@ from prometheus_client import CollectorRegistry
 
 from streamd import motion
 from streamd.config import MOTION_GATE_AUTO, StreamConfig
+from streamd.hardware import this_cpu
 from streamd.ingest import PyAVSource
 from streamd.metrics import Metrics
 from streamd.pipeline import frame_ring, windows_from
@@ -518,14 +518,8 @@ def verdict(results: Sequence[SceneResult], chosen: float) -> str:
 
 
 def cpu_name() -> str:
-    """The CPU's model name (Linux), else the machine type."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.machine()
+    """The CPU's model, usable cores and SIMD/AMX flags."""
+    return this_cpu().summary()
 
 
 def parse_size(text: str) -> tuple[int, int]:

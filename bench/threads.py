@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from streamd.hardware import this_cpu
+
 DEFAULT_MODEL = Path(tempfile.gettempdir()) / "real256"
 
 
@@ -104,15 +106,7 @@ def collect(processes: list[subprocess.Popen[str]]) -> list[dict[str, float]]:
 
 
 def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
-    except OSError:
-        return "unknown"
-    flags = next((line for line in text.splitlines() if line.startswith("flags")), "").split()
-    model = next((line for line in text.splitlines() if line.startswith("model name")), "")
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-    shown = " ".join(f for f in wanted if f in flags) or "no avx2"
-    return f"{model.partition(':')[2].strip()}; {shown}"
+    return this_cpu().summary()
 
 
 def main() -> None:
@@ -151,7 +145,7 @@ def main() -> None:
     if cores >= 2:
         pins = (set(cpus[:half]), set(cpus[half:]))
         rows.append(("(e) two at once, pinned halves", run(half, cores - half, pins=pins)))
-    print(f"CPU: {cpu_flags()}; {cores} usable cores; model {args.model}")
+    print(f"CPU: {cpu_flags()}; model {args.model}")
     base = rows[0][1][0]["vision_s_per_frame"]
     print(f"{'':34} {'threads':>7} {'vision s/frame':>14} {'prefill s':>9} {'tok/s':>6}")
     for label, results in rows:

@@ -38,7 +38,6 @@ import contextlib
 import json
 import logging
 import math
-import platform
 import statistics
 import sys
 import tempfile
@@ -58,13 +57,13 @@ from transformers import AutoModelForImageTextToText, PreTrainedModel
 
 from streamd.config import ModelConfig
 from streamd.domain import Frame, ScoreRequest, Window
+from streamd.hardware import this_cpu
 from streamd.scoring.prompt import PROFILES
 from streamd.scoring.torch_cpu import usable_cores
 from streamd.scoring.transformers_impl import TransformersBackend
 from streamd.scoring.vision_quantize import quantize_linears
 
 DEFAULT_MODEL = Path(tempfile.gettempdir()) / "real256"
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 CLIP_SIZE = (640, 360)
 CLIP_FPS = 10
 PROMPT = PROFILES["surveillance"]
@@ -88,23 +87,13 @@ Encode = Callable[[torch.Tensor], torch.Tensor]
 
 def cpu_summary() -> tuple[str, set[str]]:
     """CPU model, the SIMD/AMX flags that decide the kernels, torch threads; and the flags."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace").splitlines()
-    except OSError:
-        lines = []
-    model = next(
-        (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
-        platform.processor(),
-    )
-    flags_line = next((line for line in lines if line.startswith("flags")), "")
-    flags = set(flags_line.split(":", 1)[-1].split())
-    shown = " ".join(f"{flag}={'yes' if flag in flags else 'no'}" for flag in CPU_FLAGS)
+    cpu = this_cpu()
     text = (
-        f"cpu: {model}, {usable_cores()} usable cores; {shown}\n"
+        f"cpu: {cpu.summary()}\n"
         f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}),"
         f" {torch.get_num_threads()} threads, quantized engine {torch.backends.quantized.engine}"
     )
-    return text, flags
+    return text, set(cpu.flags)
 
 
 def seconds_per_call(fn: Callable[[], object], min_s: float = 0.25, repeats: int = 3) -> float:

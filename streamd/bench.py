@@ -20,6 +20,7 @@ import numpy as np
 
 from streamd.config import ModelSection, StreamDefaults
 from streamd.domain import Frame, Image, Score, ScoreRequest, Window
+from streamd.hardware import this_cpu
 from streamd.scoring import create_backend
 from streamd.scoring.base import ScoringBackend
 from streamd.scoring.prompt import resolve_prompt
@@ -47,6 +48,8 @@ class BenchResult:
     decode_tokens_per_s: float | None
     streams_described: float
     streams_quiet: float
+    cpu: str = ""
+    """The CPU's model, usable cores and SIMD/AMX flags: the numbers depend on them."""
 
     def to_json(self) -> dict[str, object]:
         """Rounded, for ``--json``."""
@@ -82,6 +85,8 @@ class BenchResult:
                 f" {self.streams_quiet:.1f} when scenes are quiet",
             ),
         ]
+        if self.cpu:
+            rows.insert(1, ("cpu", self.cpu))
         return "\n".join(f"{name:<13} {value}" for name, value in rows)
 
 
@@ -182,6 +187,7 @@ def _summarise(
         decode_tokens_per_s=tokens / decode_s if tokens and decode_s > 0 else None,
         streams_described=_streams(stream.stride_s, loud),
         streams_quiet=_streams(stream.stride_s, calm),
+        cpu=this_cpu().summary(),
     )
 
 

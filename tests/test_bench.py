@@ -11,6 +11,7 @@ from streamd import bench, cli
 from streamd.config import StreamDefaults
 from streamd.domain import Score, StageTimings
 from streamd.errors import ExitCode
+from streamd.hardware import parse_cpuinfo
 from streamd.scoring.motion_impl import MotionBackend
 
 KEYS = {
@@ -28,6 +29,7 @@ KEYS = {
     "decode_tokens_per_s",
     "streams_described",
     "streams_quiet",
+    "cpu",
 }
 
 
@@ -73,6 +75,23 @@ def test_motion_backend_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
     assert result["windows"] == 3
     assert (result["window_s"], result["stride_s"], result["sample_fps"]) == (8.0, 4.0, 1.0)
     assert result["decode_tokens_per_s"] is None  # the motion backend writes no text
+    cpu = result["cpu"]
+    assert isinstance(cpu, str)
+    assert "usable cores; avx2=" in cpu  # every number comes with the CPU it was measured on
+
+
+def test_cpu_flags_are_read_from_cpuinfo() -> None:
+    text = (
+        "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n"
+        "flags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\nprocessor\t: 1\n"
+    )
+    cpu = parse_cpuinfo(text, usable_cores=2)
+    assert cpu.model == "Intel(R) Xeon(R) Platinum 8480+"
+    assert cpu.summary() == (
+        "Intel(R) Xeon(R) Platinum 8480+, 2 usable cores; avx2=yes avx512f=yes"
+        " avx512_vnni=no avx512_bf16=no amx_tile=yes amx_bf16=yes amx_int8=no"
+    )
+    assert parse_cpuinfo("", 1).flags == frozenset()
 
 
 def test_tiny_smolvlm_reports_every_stage(
