@@ -72,3 +72,16 @@ class ScoringBackend(Protocol):
     def close(self) -> None:
         """Release the model (memory, device)."""
         ...
+
+
+class NothingAhead:
+    """For backends with no per-frame work to do before a window is cut."""
+
+    @property
+    def encodes_ahead(self) -> bool:
+        """Nothing to encode ahead: the runner never calls ``encode_ahead``."""
+        return False
+
+    def encode_ahead(self, frames: Sequence[Frame]) -> int:
+        """Nothing to encode ahead."""
+        return 0

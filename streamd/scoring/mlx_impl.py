@@ -15,8 +15,9 @@ import numpy.typing as npt
 from mlx_vlm.models.cache import make_prompt_cache
 
 from streamd.config import ModelConfig
-from streamd.domain import Frame, Score, ScoreRequest, StageTimings, Window
+from streamd.domain import Score, ScoreRequest, StageTimings, Window
 from streamd.errors import ModelError
+from streamd.scoring.base import NothingAhead
 from streamd.scoring.mlx_checkpoint import MlxCheckpoint, load_checkpoint
 from streamd.scoring.prompt import clean_description
 from streamd.scoring.smolvlm import checkpoint as smolvlm
@@ -37,7 +38,7 @@ class _LayerCache(Protocol):
     def trim(self, n: int) -> int: ...
 
 
-class MlxBackend:
+class MlxBackend(NothingAhead):
     """SmolVLM2 on mlx-vlm; see ``streamd.scoring.base.ScoringBackend``.
 
     Frames go in as pixel values the way SmolVLM2's video processor makes them (one 512px
@@ -81,15 +82,6 @@ class MlxBackend:
     def checkpoint(self) -> MlxCheckpoint:
         """The loaded model and its facts; ``ModelError`` before ``load``."""
         return smolvlm.loaded(self._checkpoint, self.model_id)
-
-    @property
-    def encodes_ahead(self) -> bool:
-        """No per-frame work to do ahead of a window."""
-        return False
-
-    def encode_ahead(self, frames: Sequence[Frame]) -> int:
-        """Nothing to encode ahead."""
-        return 0
 
     def load(self) -> None:
         """Load the checkpoint; raises ``ModelError`` with one line naming the model and a fix.

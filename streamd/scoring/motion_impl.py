@@ -8,13 +8,14 @@ from dataclasses import replace
 
 from streamd import motion
 from streamd.config import ModelConfig
-from streamd.domain import Frame, Score, ScoreRequest, StageTimings
+from streamd.domain import Score, ScoreRequest, StageTimings
+from streamd.scoring.base import NothingAhead
 
 INPUT_SIZE = (512, 512)
 """Same as SmolVLM2's, so snapshots look the same whichever backend made them."""
 
 
-class MotionBackend:
+class MotionBackend(NothingAhead):
     """Scores a window by how much of the picture changes between samples.
 
     Static scenes score 1, a person crossing a camera's view about 6, scene cuts and large
@@ -42,15 +43,6 @@ class MotionBackend:
     def max_batch(self) -> int:
         """Windows per ``score`` call."""
         return 16
-
-    @property
-    def encodes_ahead(self) -> bool:
-        """No per-frame work to do ahead of a window."""
-        return False
-
-    def encode_ahead(self, frames: Sequence[Frame]) -> int:
-        """Nothing to encode ahead."""
-        return 0
 
     def load(self) -> None:
         """Nothing to load."""

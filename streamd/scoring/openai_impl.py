@@ -31,6 +31,7 @@ from pydantic import JsonValue
 from streamd.domain import Frame, Score, ScoreRequest, StageTimings
 from streamd.errors import ModelError
 from streamd.log import redact_url
+from streamd.scoring.base import NothingAhead
 from streamd.scoring.openai_config import API_KEY_ENV, OpenAIModelConfig, resolve_api_key
 from streamd.scoring.openai_request import (
     PREFIXED_SCORE_MAX_TOKENS,
@@ -135,7 +136,7 @@ class _Answer:
         return sum(getattr(c, kind) or 0 for c in (self.first, self.second) if c is not None)
 
 
-class OpenAIBackend:
+class OpenAIBackend(NothingAhead):
     """Scores windows on an OpenAI-compatible server (``model.backend: openai``).
 
     Args:
@@ -182,15 +183,6 @@ class OpenAIBackend:
         return self.config.max_in_flight
 
     # --- lifecycle ----------------------------------------------------------------------------
-
-    @property
-    def encodes_ahead(self) -> bool:
-        """No per-frame work to do ahead of a window."""
-        return False
-
-    def encode_ahead(self, frames: Sequence[Frame]) -> int:
-        """Nothing to encode ahead."""
-        return 0
 
     def load(self) -> None:
         """Connect and check that the server serves ``model.id``.
