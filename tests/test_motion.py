@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -13,13 +12,10 @@ from prometheus_client import CollectorRegistry
 from streamd import motion
 from streamd.config import StreamConfig
 from streamd.domain import Score, ScoreRequest, Window
-from streamd.metrics import Metrics
-from streamd.pipeline import StreamPipeline
 from streamd.scoring.motion_impl import MotionBackend
 from streamd.scoring.prompt import PROFILES
-from streamd.scoring.runner import ModelRunner
-from streamd.sinks import LogSink
 from tests.frames import bars, frame, solid
+from tests.pipelines import run_pipeline
 
 
 def make_window(images: list[np.ndarray], seq: int = 1) -> Window:
@@ -159,18 +155,9 @@ class Recorder(MotionBackend):
 
 async def run_defaults(url: str, **stream: object) -> tuple[CollectorRegistry, list[float]]:
     """The pipeline over a file at the stream defaults (8 s windows every 4 s, 1 fps)."""
-    registry = CollectorRegistry()
-    metrics = Metrics(registry)
-    config = StreamConfig.model_validate({"name": "cam", "url": url, **stream})
     backend = Recorder()
-    async with ModelRunner(backend, metrics, timeout_s=10) as runner:
-        scheduler = asyncio.create_task(runner.run())
-        try:
-            async with asyncio.timeout(30):
-                await StreamPipeline(config, runner, LogSink(), metrics).run()
-        finally:
-            scheduler.cancel()
-    return registry, backend.starts
+    config = StreamConfig.model_validate({"name": "cam", "url": url, **stream})
+    return await run_pipeline(config, backend), backend.starts
 
 
 @pytest.mark.parametrize(

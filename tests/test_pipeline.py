@@ -19,12 +19,11 @@ from streamd.pipeline import StreamPipeline
 from streamd.scoring.runner import ModelRunner
 from streamd.sinks import LogSink
 from tests.media import ClipSet, Segment, write_clip
+from tests.pipelines import run_pipeline
 from tests.slow_backend import SlowBackend
 
 
 async def run_file(url: str, backend: SlowBackend, **stream: object) -> CollectorRegistry:
-    registry = CollectorRegistry()
-    metrics = Metrics(registry)
     settings = {
         "window_s": 2,
         "stride_s": 1,
@@ -33,15 +32,9 @@ async def run_file(url: str, backend: SlowBackend, **stream: object) -> Collecto
         "motion_gate": 0,  # unless a test sets one
         **stream,
     }
-    config = StreamConfig.model_validate({"name": "cam", "url": url, **settings})
-    async with ModelRunner(backend, metrics, timeout_s=10) as runner:
-        scheduler = asyncio.create_task(runner.run())
-        try:
-            async with asyncio.timeout(30):
-                await StreamPipeline(config, runner, LogSink(), metrics).run()
-        finally:
-            scheduler.cancel()
-    return registry
+    return await run_pipeline(
+        StreamConfig.model_validate({"name": "cam", "url": url, **settings}), backend
+    )
 
 
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float:

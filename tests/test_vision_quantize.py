@@ -102,7 +102,7 @@ def test_int8_needs_float32(tiny_model_dir: Path) -> None:
         load(tiny_model_dir, "int8", dtype="bfloat16")
     message = str(caught.value)
     assert "\n" not in message
-    assert "model.dtype: float32" in message
+    assert "model.dtype to float32" in message
     assert "bfloat16" in message
 
 

@@ -41,9 +41,9 @@ def apply_vision_quantize(checkpoint: Checkpoint, mode: str) -> int:
     dtype = str(checkpoint.dtype).removeprefix("torch.")
     if checkpoint.device.type != "cpu" or checkpoint.dtype != torch.float32:
         raise ModelError(
-            f"model.vision_quantize: int8 runs on the CPU in float32, and this model is on"
-            f" {checkpoint.device} in {dtype}: set model.device: cpu and model.dtype: float32,"
-            " or model.vision_quantize: none"
+            f"model.vision_quantize int8 runs on the CPU in float32, and this model is on"
+            f" {checkpoint.device} in {dtype}: set model.device to cpu and model.dtype to"
+            " float32, or model.vision_quantize to none"
         )
     inner = checkpoint.model.model
     count = 0
