@@ -432,7 +432,9 @@ def test_scores_windows_in_order(backend: OpenAIBackend, caplog: pytest.LogCaptu
     assert isinstance(backend, ScoringBackend)
     assert backend.input_size == (SIZE, SIZE)
     backend.warm_up()
-    requests = [_request("cam", 0), _request("cam", 2), _request("yard", 0, frames=2)]
+    # Windows sent together have the same number of frames: mlx-vlm 0.7.10's server fails
+    # (500, "[concatenate] ... dimensions must match") on concurrent requests that differ.
+    requests = [_request("cam", 0), _request("cam", 2), _request("yard", 0)]
     scores = backend.score(requests)
     assert len(scores) == len(requests)
     for request, score in zip(requests, scores, strict=True):
@@ -443,7 +445,7 @@ def test_scores_windows_in_order(backend: OpenAIBackend, caplog: pytest.LogCaptu
     # Frames 2 and 3 of "cam" are in both of its windows: encoded once.
     hits = sum(score.timings.vision_hits for score in scores)
     misses = sum(score.timings.vision_misses for score in scores)
-    assert (hits, misses) == (2, 8)
+    assert (hits, misses) == (2, 10)
     assert backend.score([_request("cam", 0)])[0].timings.vision_hits == 4
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # one tile a frame
 
