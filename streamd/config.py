@@ -13,7 +13,6 @@ file's directory, as users of systemd units expect, never to the current directo
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import os
 import re
@@ -35,6 +34,7 @@ from pydantic import (
 
 from streamd.errors import ConfigError
 from streamd.log import redact_url
+from streamd.review_config import MIN_TOKEN_CHARS, HttpConfig, StorageConfig, parse_listen
 from streamd.scoring.local_config import DTYPES, Dtype, ModelConfig
 from streamd.scoring.openai_config import OpenAIModelConfig
 from streamd.scoring.registry import AUTO, BACKEND_CHOICES, BACKENDS
@@ -45,7 +45,6 @@ ENV_RE = re.compile(
     r"\$(?:(?P<escaped>\$)|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\})"
 )
 """``${VAR}``, ``${VAR:-default}`` (unset or empty: the default) and ``$$`` (a literal ``$``)."""
-MAX_PORT = 65535
 MAX_WINDOW_FRAMES = 256
 """Most sampled frames one window may hold: each is held at the model's input size (~0.8 MB at
 512x512 RGB), and SmolVLM2 itself was trained on at most 64 frames per video."""
@@ -153,35 +152,16 @@ class MqttConfig(Section):
 
 
 class MetricsConfig(Section):
-    """The Prometheus endpoint."""
+    """``metrics``: kept for ``listen``, an alias of ``http.listen`` (v1 files)."""
 
-    listen: str = Field("127.0.0.1:9108", description='host:port of /metrics and /healthz; ""=off')
+    listen: str | None = Field(None, description='alias of http.listen; ""=off')
 
     @field_validator("listen")
     @classmethod
-    def _listen(cls, value: str) -> str:
+    def _listen(cls, value: str | None) -> str | None:
         if value:
             parse_listen(value)
         return value
-
-    @property
-    def address(self) -> tuple[str, int] | None:
-        """``(host, port)`` to bind, or None when disabled."""
-        return parse_listen(self.listen) if self.listen else None
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """Split ``host:port`` (``[v6]:port`` for IPv6) and check both parts."""
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not host or not port_text.isdigit():
-        raise ValueError(f"must be host:port, not {value!r}")
-    port = int(port_text)
-    if port > MAX_PORT:
-        raise ValueError(f"port {port} out of range 0-{MAX_PORT}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        ipaddress.IPv6Address(host)
-    return host, port
 
 
 class StreamDefaults(Section):
@@ -310,6 +290,8 @@ class Config(Section):
     model: ModelSection = Field(default_factory=ModelConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
     defaults: StreamDefaults = Field(default_factory=StreamDefaults)
     streams: tuple[StreamConfig, ...] = Field(min_length=1)
     shutdown_timeout_s: float = Field(10.0, gt=0, le=600)
@@ -335,6 +317,26 @@ class Config(Section):
             {**defaults, **stream} if isinstance(stream, dict) else stream for stream in streams
         ]
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _metrics_alias(cls, data: object) -> object:
+        """``metrics.listen`` (v1) is ``http.listen``; both set and different is an error."""
+        if not isinstance(data, dict):
+            return data
+        metrics, http = data.get("metrics"), data.get("http")
+        if not isinstance(metrics, dict) or "listen" not in metrics:
+            return data
+        if http is None:
+            http = {}
+        if not isinstance(http, dict):
+            return data
+        alias = metrics["listen"]
+        if "listen" in http and http["listen"] != alias:
+            raise ValueError(
+                "metrics.listen is an alias of http.listen and they differ: keep http.listen"
+            )
+        return {**data, "http": {**http, "listen": alias}}
 
     @field_validator("streams")
     @classmethod
@@ -444,12 +446,24 @@ def _read_files(config: Config) -> Config:
     secret: str | None = None
     if mqtt.password_file is not None:
         secret = _read_secret(mqtt.password_file, "mqtt.password_file", problems)
+    token: str | None = None
+    if config.http.auth_token_file is not None:
+        token = _read_secret(config.http.auth_token_file, "http.auth_token_file", problems)
+        if token is not None and len(token) < MIN_TOKEN_CHARS:
+            problems.append(f"http.auth_token_file: the token must be at least {MIN_TOKEN_CHARS}"
+                            " characters (e.g. `openssl rand -hex 16`)")
     if problems:
         raise ConfigError(problems)
-    if secret is None:
-        return config
-    new_mqtt = mqtt.model_copy(update={"password": SecretStr(secret), "password_file": None})
-    return config.model_copy(update={"mqtt": new_mqtt})
+    update: dict[str, object] = {}
+    if secret is not None:
+        update["mqtt"] = mqtt.model_copy(
+            update={"password": SecretStr(secret), "password_file": None}
+        )
+    if token is not None:
+        update["http"] = config.http.model_copy(
+            update={"auth_token": SecretStr(token), "auth_token_file": None}
+        )
+    return config.model_copy(update=update) if update else config
 
 
 def _check_readable(path: Path, key: str, problems: list[str]) -> None:
@@ -539,7 +553,23 @@ def summarize(config: Config) -> str:
         )
     else:
         lines.append("broker:  disabled (events go to the log)")
-    lines.append(f"metrics: {config.metrics.listen or 'disabled'}")
+    http = config.http
+    if http.address is None:
+        lines.append("http:    disabled")
+    else:
+        auth = "bearer token" if http.token() is not None else "no auth (loopback only)"
+        lines.append(f"http:    http://{http.listen}/ (page, /api, /metrics, /healthz; {auth})")
+    if config.metrics.listen is not None:
+        lines.append("         (metrics.listen is an alias of http.listen: rename it)")
+    storage = config.storage
+    if storage.dir is None:
+        lines.append("storage: off (events held in memory only; no clips)")
+    else:
+        lines.append(
+            f"storage: {storage.dir} (keep {storage.retain_days:g} days, at most"
+            f" {storage.max_gb:g} GB; clips {storage.pre_roll_s:g}s before,"
+            f" {storage.post_roll_s:g}s after)"
+        )
     lines.append(f"streams: {len(config.streams)}")
     for stream in config.streams:
         kind = "live" if stream.is_live else ("file, realtime" if stream.realtime else "file")

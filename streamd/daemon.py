@@ -112,7 +112,7 @@ class Daemon:
         config = self.config
         async with AsyncExitStack() as stack:
             try:
-                address = config.metrics.address
+                address = config.http.address
                 if address is not None:
                     stack.enter_context(MetricsServer(address, self.registry, self.health))
                 backend = self._backend or create_backend(config.model)

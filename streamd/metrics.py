@@ -78,6 +78,24 @@ class Metrics:
             ("outcome",),
             registry=r,
         )
+        # --- clips (streamd/clips.py) ---
+        self.clip_ring_bytes = Gauge(
+            "streamd_clip_ring_bytes",
+            "Demuxed packets held per stream for the pre-roll of the next clip.",
+            s,
+            registry=r,
+        )
+        self.clip_packets_dropped = Counter(
+            "streamd_clip_packets_dropped",
+            "Packets not kept for clips (queue full, ring over its byte bound, write error).",
+            (*s, "reason"),
+            registry=r,
+        )
+        self.clips = Counter("streamd_clips", "Event clips finished.", s, registry=r)
+        self.clip_errors = Counter(
+            "streamd_clip_errors", "Clips that could not be written.", (*s, "reason"), registry=r
+        )
+        # --- storage (streamd/store.py) ---
         self.stream_up = Gauge("streamd_stream_up", "1 while the source delivers.", s, registry=r)
         self.window_lag = Gauge(
             "streamd_window_lag_seconds",

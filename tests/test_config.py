@@ -44,7 +44,7 @@ def test_minimal_gets_every_default() -> None:
     assert config.mqtt.port == 1883
     assert config.mqtt.topic_prefix == "streamd"
     assert config.mqtt.outbox_size == 10000
-    assert config.metrics.address == ("127.0.0.1", 9108)
+    assert config.http.address == ("127.0.0.1", 9108)
     assert (stream.sample_fps, stream.window_s, stream.stride_s) == (1.0, 8.0, 4.0)
     assert stream.profile == "surveillance"
     assert stream.min_significance == 6
@@ -201,9 +201,9 @@ def test_config_is_frozen() -> None:
 
 def test_listen_variants() -> None:
     ipv6 = parse_config({"metrics": {"listen": "[::1]:9000"}, **MINIMAL}, {})
-    assert ipv6.metrics.address == ("::1", 9000)
+    assert ipv6.http.address == ("::1", 9000)
     off = parse_config({"metrics": {"listen": ""}, **MINIMAL}, {})
-    assert off.metrics.address is None
+    assert off.http.address is None
 
 
 @pytest.mark.parametrize(
