@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import math
@@ -12,7 +13,8 @@ import platform
 import re
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
@@ -170,6 +172,7 @@ def _analysis_args(parser: argparse.ArgumentParser) -> None:
     )
     add("--json", dest="json_path", default=None, metavar="PATH", help="also write the result here")
     add("--clip-out", default=None, metavar="PATH", help="write an MP4 reel of the highlights")
+    add("--report", default=None, metavar="PATH.html", help="write a self-contained HTML report")
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -217,7 +220,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if isinstance(built, list):
         return _usage(built)
     stream, model = built
-    from streamd import highlights  # noqa: PLC0415 - heavy imports only for this command
+    started = datetime.now().astimezone()
+    from streamd import highlights, report  # noqa: PLC0415 - heavy imports only for this command
 
     options = highlights.AnalyzeOptions(args.video, model, stream, args.max_highlights)
     analysis = highlights.Analysis(model_id=model.id)
@@ -233,7 +237,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         analysis.spans, stream.min_significance, options.max_highlights
     )
     result = highlights.result_json(options, info.duration_s, analysis, chosen)
-    code = _write_outputs(args, json.dumps(result, indent=2, ensure_ascii=False), interrupted)
+    page = functools.partial(report.report_for, options, info.duration_s, analysis, chosen, started)
+    text = json.dumps(result, indent=2, ensure_ascii=False)
+    code = _write_outputs(args, text, interrupted, page)
     if code != ExitCode.OK:
         return code
     if interrupted:
@@ -383,10 +389,11 @@ def _flag_problems(exc: ValidationError) -> list[str]:
 
 
 def _output_problems(args: argparse.Namespace) -> list[str]:
-    """Everything wrong with ``--json`` and ``--clip-out``, checked before any analysis."""
+    """Everything wrong with ``--json``, ``--clip-out`` and ``--report``, before any analysis."""
+    flags = (("--json", args.json_path), ("--clip-out", args.clip_out), ("--report", args.report))
     outputs = [
         (flag, path)
-        for flag, path in (("--json", args.json_path), ("--clip-out", args.clip_out))
+        for flag, path in flags
         if path is not None and not (flag == "--json" and path == "-")
     ]
     problems = []
@@ -398,9 +405,12 @@ def _output_problems(args: argparse.Namespace) -> list[str]:
             problem = check_reel_path(path)
         if problem is not None:
             problems.append(f"{flag}: {problem}")
-    both_fine = len(outputs) == 2 and not problems  # noqa: PLR2004 - --json and --clip-out
-    if both_fine and _same_file(args.json_path, args.clip_out):
-        problems.append(f"--clip-out: {args.clip_out}: is the --json file too")
+    if problems:
+        return problems
+    for i, (flag, path) in enumerate(outputs):
+        earlier = next((f for f, p in outputs[:i] if _same_file(p, path)), None)
+        if earlier is not None:
+            problems.append(f"{flag}: {path}: is the {earlier} file too")
     return problems
 
 
@@ -469,13 +479,25 @@ async def _analyze_until_interrupted(
     return interrupted
 
 
-def _write_outputs(args: argparse.Namespace, text: str, interrupted: bool) -> int:
-    """The result to ``--json`` (first: stdout may be a closed pipe) and to stdout, once."""
+def _write_outputs(
+    args: argparse.Namespace, text: str, interrupted: bool, page: Callable[[], str]
+) -> int:
+    """The result to ``--json`` and ``--report`` (first: stdout may be a closed pipe), then stdout.
+
+    ``page`` builds the report; it cuts thumbnails, so it runs only for ``--report``.
+    """
     if args.json_path and args.json_path != "-":
         try:
             Path(args.json_path).write_text(text + "\n", encoding="utf-8")
         except OSError as exc:
             print(f"streamd analyze: --json: {args.json_path}: {exc.strerror}", file=sys.stderr)
+            print(text)
+            return ExitCode.FAILURE
+    if args.report:
+        try:
+            Path(args.report).write_text(page(), encoding="utf-8")
+        except OSError as exc:
+            print(f"streamd analyze: --report: {args.report}: {exc.strerror}", file=sys.stderr)
             print(text)
             return ExitCode.FAILURE
     print(text)

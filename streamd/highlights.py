@@ -55,22 +55,27 @@ class AnalyzeOptions:
 
 @dataclass(frozen=True, slots=True)
 class ScoredSpan:
-    """One analysed window, reduced to what ranking needs."""
+    """One analysed window, reduced to what ranking needs.
+
+    ``best_s`` is the time of the frame the backend says best shows the window (None: unknown).
+    """
 
     start_s: float
     end_s: float
     significance: int | None
     description: str
+    best_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Highlight:
-    """A merged, ranked moment."""
+    """A merged, ranked moment; ``best_s`` is its best window's best frame time, if known."""
 
     start_s: float
     end_s: float
     significance: int
     description: str
+    best_s: float | None = None
 
     def to_json(self) -> dict[str, object]:
         """The spec's highlight object."""
@@ -110,9 +115,14 @@ def merge_highlights(
                 end_s=max(last.end_s, span.end_s),
                 significance=span.significance if better else last.significance,
                 description=span.description if better else last.description,
+                best_s=span.best_s if better else last.best_s,
             )
         else:
-            merged.append(Highlight(span.start_s, span.end_s, span.significance, span.description))
+            merged.append(
+                Highlight(
+                    span.start_s, span.end_s, span.significance, span.description, span.best_s
+                )
+            )
     merged.sort(key=lambda h: (-h.significance, h.start_s))
     return merged[:max_highlights]
 
@@ -331,7 +341,7 @@ async def _score_file(
     async def record_oldest() -> None:
         window, task = in_flight.popleft()
         score = await task
-        span = _span(window, score.significance, score.description, info.duration_s)
+        span = _span(window, score, info.duration_s)
         analysis.spans.append(span)
         logger.debug(
             "window %s: %s %s",
@@ -375,8 +385,10 @@ async def _score_file(
             logger.warning("%s: decode thread still running after %.0fs", stream.name, join_timeout)
 
 
-def _span(
-    window: Window, significance: int | None, description: str, duration_s: float
-) -> ScoredSpan:
+def _span(window: Window, score: Score, duration_s: float) -> ScoredSpan:
     end = min(window.end_s, duration_s) if duration_s > 0 else window.end_s
-    return ScoredSpan(window.start_s, max(end, window.start_s), significance, description)
+    frames = window.frames
+    best_s = frames[min(max(score.best_frame, 0), len(frames) - 1)].pts_s if frames else None
+    return ScoredSpan(
+        window.start_s, max(end, window.start_s), score.significance, score.description, best_s
+    )
