@@ -37,16 +37,19 @@ class EventAggregator:
     * after an end, no new event for ``cooldown_s`` of stream time.
 
     An unreadable score (``None``) counts as quiet: it can end an event, never open one.
-    ``seq`` numbers every message of the stream from 1 without gaps.
+    ``seq`` numbers every message of the stream without gaps, from ``last_seq + 1`` (1 for a
+    stream new to the store).
     """
 
-    def __init__(self, stream: str, min_significance: int, cooldown_s: float) -> None:
+    def __init__(
+        self, stream: str, min_significance: int, cooldown_s: float, last_seq: int = 0
+    ) -> None:
         self.stream = stream
         self.min_significance = min_significance
         self.cooldown_s = cooldown_s
         self._open: _Open | None = None
         self._cooldown_until = float("-inf")
-        self._seq = 0
+        self._seq = last_seq
         self._events = 0
 
     def observe(self, window: Window, score: Score) -> list[Event]:

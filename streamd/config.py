@@ -450,8 +450,10 @@ def _read_files(config: Config) -> Config:
     if config.http.auth_token_file is not None:
         token = _read_secret(config.http.auth_token_file, "http.auth_token_file", problems)
         if token is not None and len(token) < MIN_TOKEN_CHARS:
-            problems.append(f"http.auth_token_file: the token must be at least {MIN_TOKEN_CHARS}"
-                            " characters (e.g. `openssl rand -hex 16`)")
+            problems.append(
+                f"http.auth_token_file: the token must be at least {MIN_TOKEN_CHARS}"
+                " characters (e.g. `openssl rand -hex 16`)"
+            )
     if problems:
         raise ConfigError(problems)
     update: dict[str, object] = {}

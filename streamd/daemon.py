@@ -11,21 +11,32 @@ import sys
 import time
 from collections.abc import Awaitable, Iterator
 from contextlib import AsyncExitStack
+from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
 from streamd.config import Config
-from streamd.domain import Event
+from streamd.domain import Event, Frame
 from streamd.errors import ExitCode, StreamdError
 from streamd.ingest import FRAME_TIMEOUT_FACTOR, PyAVSource
-from streamd.metrics import Metrics, MetricsServer
-from streamd.pipeline import StreamPipeline
+from streamd.metrics import Metrics
+from streamd.pipeline import Keeping, StreamPipeline, clip_name, snapshot_jpeg
 from streamd.scoring import create_backend
 from streamd.scoring.base import ScoringBackend
 from streamd.scoring.runner import ModelRunner
 from streamd.sdnotify import SystemdNotifier
 from streamd.sinks import EventSink, LogSink
+from streamd.sinks.stored import SettleHook, StoredSink
+from streamd.store import CLIPS_DIR, EventStore
+from streamd.web.api import create_app
+from streamd.web.server import HttpServer
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp
+
+    from streamd.clips import ClipRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +77,8 @@ class Daemon:
         self._wake = asyncio.Event()
         self.pipelines: list[StreamPipeline] = []
         self.runner: ModelRunner | None = None
+        self.store: EventStore | None = None
+        self.http: HttpServer | None = None
         self._started = False
         self._last_watchdog = 0.0
         self._threads_left: list[str] = []
@@ -113,8 +126,21 @@ class Daemon:
         async with AsyncExitStack() as stack:
             try:
                 address = config.http.address
-                if address is not None:
-                    stack.enter_context(MetricsServer(address, self.registry, self.health))
+                if address is not None:  # first: a taken port fails before the model loads
+                    server = HttpServer(address, self._app())
+                    server.bind()
+                    await server.start()
+                    stack.push_async_callback(server.stop)
+                    self.http = server
+                store = EventStore(
+                    config.storage.dir,
+                    self.metrics,
+                    retain_s=config.storage.retain_days * 86400,
+                    max_bytes=config.storage.max_bytes,
+                )
+                await store.open()
+                stack.push_async_callback(store.close)
+                self.store = store
                 backend = self._backend or create_backend(config.model)
                 runner = ModelRunner(backend, self.metrics, config.model.stall_timeout_s)
                 self.runner = runner
@@ -125,9 +151,17 @@ class Daemon:
             except StreamdError as exc:
                 logger.error("startup failed: %s", exc)
                 return ExitCode.STARTUP
-            sink = self._make_sink(backend.model_id)
+            sink = StoredSink(store, lambda settle: self._make_sink(backend.model_id, settle))
+            seqs = await sink.start()
             self.pipelines = [
-                StreamPipeline(stream, runner, sink, self.metrics) for stream in config.streams
+                StreamPipeline(
+                    stream,
+                    runner,
+                    sink,
+                    self.metrics,
+                    keeping=Keeping(store, self._recorder(stream.name), seqs.get(stream.name, 0)),
+                )
+                for stream in config.streams
             ]
             code: int = ExitCode.FAILURE
             try:
@@ -140,6 +174,36 @@ class Daemon:
                     code = ExitCode.OK
             # A forced stop (second signal) is a stop asked for: 0, like a graceful one.
             return ExitCode.OK if self.force_exit else code
+
+    def _app(self) -> ASGIApp:
+        return create_app(self, self.registry, self.config.http.token(), latest_jpeg)
+
+    @property
+    def views(self) -> list[StreamPipeline]:
+        """The streams, for the API (empty until the model is ready)."""
+        return self.pipelines
+
+    def _recorder(self, stream: str) -> ClipRecorder | None:
+        """The stream's clip recorder, when events are kept on disk."""
+        store = self.store
+        root = self.config.storage.dir
+        if store is None or root is None or not store.durable:
+            return None
+        from streamd.clips import ClipRecorder  # noqa: PLC0415 - PyAV muxing only when used
+
+        def done(event_id: str, _path: Path, size: int, _complete: bool) -> None:
+            with contextlib.suppress(RuntimeError):  # the store is closed: shutting down
+                store.submit(store.set_clip, event_id, clip_name(event_id), size)
+
+        storage = self.config.storage
+        return ClipRecorder(
+            stream,
+            root / CLIPS_DIR,
+            storage.pre_roll_s,
+            storage.post_roll_s,
+            self.metrics,
+            on_done=done,
+        )
 
     async def _run(self, runner: ModelRunner, sink: EventSink) -> int:
         async with asyncio.TaskGroup() as tasks:
@@ -157,13 +221,15 @@ class Daemon:
             sink_task.cancel("shutdown")
         return code
 
-    def _make_sink(self, model_id: str) -> EventSink:
+    def _make_sink(self, model_id: str, settle: SettleHook) -> EventSink:
         if not self.config.mqtt.enabled:
-            return LogSink(on_published=self._count_published)
+            return LogSink(on_published=self._count_published, on_settled=settle)
         from streamd.sinks.mqtt import MqttPublisher  # noqa: PLC0415 - aiomqtt only when used
 
         names = [stream.name for stream in self.config.streams]
-        return MqttPublisher(self.config.mqtt, self.metrics, names, model_id=model_id)
+        return MqttPublisher(
+            self.config.mqtt, self.metrics, names, model_id=model_id, on_settled=settle
+        )
 
     def _count_published(self, event: Event) -> None:
         self.metrics.events_published.labels(stream=event.stream, type=event.type.value).inc()
@@ -229,6 +295,8 @@ class Daemon:
             return False, "model stalled"
         if runner.problem is not None:
             return False, runner.problem
+        if not self.pipelines:
+            return False, "starting"
         down = [p.name for p in tuple(self.pipelines) if not p.healthy]
         if down:
             return False, "streams down: " + ", ".join(down)
@@ -311,6 +379,12 @@ class Daemon:
                 "shutdown: decode thread of %s still running (blocked reading); leaving it",
                 ", ".join(self._threads_left),
             )
+
+
+def latest_jpeg(frame: Frame) -> bytes:
+    """``latest.jpg``: the frame at the source's resolution when kept, else un-squashed."""
+    full: bytes | None = getattr(frame, "source_jpeg", None)
+    return full if full is not None else snapshot_jpeg(frame)
 
 
 def join_timeout_s(source: PyAVSource) -> float:

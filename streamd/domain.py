@@ -24,6 +24,8 @@ class Frame:
         wall_s: Unix time the frame shows (for files: when reading started, plus ``pts_s``).
         image: RGB pixels at the model's input size.
         source_size: ``(width, height)`` of the decoded picture, to undo the squash.
+        source_jpeg: The picture at ``source_size`` as a JPEG, when the source was asked for
+            full frames (event snapshots, the latest picture of a stream); else None.
     """
 
     stream: str
@@ -32,6 +34,7 @@ class Frame:
     wall_s: float
     image: Image = field(repr=False, compare=False)
     source_size: tuple[int, int] = (0, 0)
+    source_jpeg: bytes | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

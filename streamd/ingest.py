@@ -22,13 +22,16 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import av
+import av.audio.stream
 import av.container
 import av.error
+import av.stream
 import av.video.frame
 import av.video.stream
 import numpy as np
 
 from streamd.backoff import backoff_delay
+from streamd.clips import AnyPacket, ClipRecorder, snapshot_jpeg
 from streamd.config import StreamConfig, is_file_url
 from streamd.domain import LEGAL_TRANSITIONS, Frame, SourceState
 from streamd.errors import SourceError
@@ -93,6 +96,11 @@ class PyAVSource:
     Live sources reconnect forever with capped full-jitter backoff; a decode loop that ends
     normally (a killed RTSP server does that) counts as a disconnect. Files end at end of file.
     Every state change is logged once, with credentials redacted.
+
+    With a ``recorder``, the first audio stream is demuxed too and every packet goes to it, with
+    its time in stream seconds: the frames' mapping (``Timeline.offset_s``), or None until a
+    live connection's first timestamped frame fixes it. ``full_frames`` adds a JPEG of each
+    sampled frame at the source's resolution (``Frame.source_jpeg``), encoded here.
     """
 
     def __init__(
@@ -103,6 +111,9 @@ class PyAVSource:
         metrics: StreamMetrics,
         on_state: StateListener = lambda _state, _detail: None,
         clock: Callable[[], float] = time.time,
+        *,
+        recorder: ClipRecorder | None = None,
+        full_frames: bool = False,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -112,6 +123,8 @@ class PyAVSource:
         self._metrics = metrics
         self._on_state = on_state
         self._clock = clock
+        self._recorder = recorder
+        self._full_frames = full_frames
         # A file with ``live: true`` plays in a loop at 1x, like a camera.
         self._loops = self.live and is_file_url(config.url)
         self._pace = config.realtime or self._loops
@@ -159,9 +172,11 @@ class PyAVSource:
         try:
             while not self._stop.is_set():
                 delivered, reason, failed = self._connect_and_read(looping)
+                looping = self._loops and delivered and not failed and not self._stop.is_set()
+                if self._recorder is not None and not looping:
+                    self._recorder.on_disconnect()  # a looped file starting over is no gap
                 if self._stop.is_set():
                     return  # stop(), not a lost source: STOPPED, no "reconnecting"
-                looping = self._loops and delivered and not failed
                 if looping:
                     logger.debug("stream %s: end of file, playing it again", self.name)
                     continue
@@ -202,7 +217,11 @@ class PyAVSource:
                 self._connected_once = True
                 self._metrics.stream_up.set(1)
                 self._set_state(SourceState.CONNECTED, _describe(stream))
-                delivered = self._read(container, stream, opened_at)
+                audio = None  # demuxed only for the recorder
+                if self._recorder is not None:
+                    audio = container.streams.audio[0] if container.streams.audio else None
+                    self._recorder.on_connect(container, stream, audio)
+                delivered = self._read(container, (stream, audio), opened_at)
                 return delivered, "end of stream", False
         except SourceError as exc:
             return self._index > first_index, str(exc), True
@@ -249,7 +268,7 @@ class PyAVSource:
     def _read(
         self,
         container: av.container.InputContainer,
-        stream: av.video.stream.VideoStream,
+        streams: tuple[av.video.stream.VideoStream, av.audio.stream.AudioStream | None],
         opened_at: float,
     ) -> bool:
         """Decode until end of stream or stop; returns whether any frame was sampled.
@@ -257,6 +276,7 @@ class PyAVSource:
         A live connection's first frame is placed at ``opened_at`` (when ``av.open`` began), not
         after the open: the frames buffered while probing were captured back then.
         """
+        stream = streams[0]
         rate = stream.average_rate or stream.guessed_rate or Fraction(25)
         self._frame_period_s = 1 / float(rate)
         origin = None
@@ -272,7 +292,7 @@ class PyAVSource:
         decoded = 0
         busy = 0.0  # decoder time since the last sampled frame
         last_frame_at = time.monotonic()
-        for frame in self._frames(container, stream):
+        for frame in self._frames(container, streams, timeline):
             now = time.monotonic()
             if frame is None:  # a packet that gave no frame: watch for a stalled decoder
                 if now - last_frame_at > frame_timeout:
@@ -310,7 +330,8 @@ class PyAVSource:
             image = frame.to_ndarray(
                 width=width, height=height, format="rgb24", interpolation="BICUBIC"
             )
-        except (av.error.FFmpegError, ValueError) as exc:
+            jpeg = snapshot_jpeg(frame) if self._full_frames else None
+        except (av.error.FFmpegError, ValueError, OSError) as exc:
             self._metrics.decode_errors.inc()
             logger.debug("stream %s: cannot convert frame: %s", self.name, exc)
             return None
@@ -325,31 +346,34 @@ class PyAVSource:
             wall_s=wall_origin + pts,
             image=image.astype(np.uint8, copy=False),
             source_size=(frame.width, frame.height),
+            source_jpeg=jpeg,
         )
 
     def _frames(
-        self, container: av.container.InputContainer, stream: av.video.stream.VideoStream
+        self,
+        container: av.container.InputContainer,
+        streams: tuple[av.video.stream.VideoStream, av.audio.stream.AudioStream | None],
+        timeline: Timeline,
     ) -> Iterator[av.video.frame.VideoFrame | None]:
-        """Decoded frames of ``stream`` (None after a packet that gave none), skipping corrupt data.
+        """Decoded frames of the video (None after a packet that gave none), skipping bad data.
 
-        Audio and data streams are never demuxed. A corrupt packet is counted and skipped; a
-        demuxer error resyncs by restarting the demux iterator, up to a limit.
+        Audio is demuxed only for the recorder, data streams never. The recorder gets each
+        packet after its frames went through ``timeline``. A corrupt packet is counted and
+        skipped; a demuxer error resyncs by restarting the demux iterator, up to a limit.
         """
+        stream, audio = streams
+        demuxed: tuple[av.stream.Stream, ...] = (stream,) if audio is None else (stream, audio)
         errors_in_a_row = 0
         while not self._stop.is_set():
             try:
-                for packet in container.demux(stream):
+                for packet in container.demux(*demuxed):
                     if self._stop.is_set():
                         return
                     errors_in_a_row = 0
-                    try:
-                        frames = packet.decode()
-                    except (av.error.InvalidDataError, av.error.UndefinedError, ValueError):
-                        self._metrics.decode_errors.inc()
-                        continue
-                    if not frames:
-                        yield None
-                    yield from frames
+                    if packet.stream_index == stream.index:
+                        yield from self._decode(stream, packet)
+                    if self._recorder is not None:
+                        self._recorder.on_packet(packet, _stream_seconds(packet, timeline))
                 return
             except av.error.EOFError:
                 return
@@ -360,6 +384,18 @@ class PyAVSource:
                     raise SourceError(f"unreadable data: {_reason(exc)}") from exc
             except (av.error.FFmpegError, OSError) as exc:
                 raise SourceError(_reason(exc)) from exc
+
+    def _decode(
+        self, stream: av.video.stream.VideoStream, packet: AnyPacket
+    ) -> Iterator[av.video.frame.VideoFrame | None]:
+        try:
+            frames = stream.decode(packet)
+        except (av.error.InvalidDataError, av.error.UndefinedError, ValueError):
+            self._metrics.decode_errors.inc()
+            return
+        if not frames:
+            yield None
+        yield from frames
 
     def _end_s(self) -> float | None:
         """Where the content seen so far ends: the last sample plus the gap to the next one."""
@@ -388,6 +424,15 @@ class PyAVSource:
 
 def _video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:
     return container.streams.video[0]
+
+
+def _stream_seconds(packet: AnyPacket, timeline: Timeline) -> float | None:
+    """A packet's pts (or dts) on the frames' clock; None while that mapping is unknown."""
+    ticks = packet.pts if packet.pts is not None else packet.dts
+    offset = timeline.offset_s()
+    if ticks is None or offset is None:
+        return None
+    return float(ticks * packet.time_base) + offset
 
 
 def _describe(stream: av.video.stream.VideoStream) -> str:

@@ -1,4 +1,4 @@
-"""Every Prometheus instrument streamd has, and the /metrics + /healthz HTTP endpoint.
+"""Every Prometheus instrument streamd has (served on ``/metrics`` by ``streamd.web``).
 
 Only this module defines instruments, always on an injected ``CollectorRegistry`` (tests use a
 fresh one). Label names are limited to ``stream``, ``reason``, ``type`` and ``stage``: never a
@@ -8,17 +8,10 @@ URL or a prompt.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-
-from streamd.errors import StreamdError
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +89,21 @@ class Metrics:
             "streamd_clip_errors", "Clips that could not be written.", (*s, "reason"), registry=r
         )
         # --- storage (streamd/store.py) ---
+        self.storage_errors = Counter(
+            "streamd_storage_errors",
+            "Event store failures (disk_full, corrupt, error); publishing goes on.",
+            ("reason",),
+            registry=r,
+        )
+        self.storage_deleted = Counter(
+            "streamd_storage_deleted_events",
+            "Events deleted with their files by retention (age, size, count).",
+            ("reason",),
+            registry=r,
+        )
+        self.storage_bytes = Gauge(
+            "streamd_storage_bytes", "Event database, clips and snapshots on disk.", registry=r
+        )
         self.stream_up = Gauge("streamd_stream_up", "1 while the source delivers.", s, registry=r)
         self.window_lag = Gauge(
             "streamd_window_lag_seconds",
@@ -144,6 +152,10 @@ class Metrics:
             self.model_tokens.labels(type=kind)
         for reason in MODEL_ERROR_REASONS:
             self.model_errors.labels(reason=reason)
+        for reason in ("disk_full", "corrupt", "error"):
+            self.storage_errors.labels(reason=reason)
+        for reason in ("age", "size", "count"):
+            self.storage_deleted.labels(reason=reason)
 
     def for_stream(self, stream: str) -> StreamMetrics:
         """Children bound to one stream's label (created now, so they show as 0)."""
@@ -177,99 +189,3 @@ class StreamMetrics:
     unparsed_answers: Counter
     window_lag: Gauge
     decode_seconds: Histogram
-
-
-class MetricsServer:
-    """``/metrics`` and ``/healthz`` on a thread of their own.
-
-    It keeps answering while the event loop is busy. ``health`` is called on the server thread
-    for every ``/healthz``, so the answer is current; it must only read state, never change it
-    (``Daemon.health`` reads attributes the loop replaces whole).
-    """
-
-    def __init__(self, address: tuple[str, int], registry: CollectorRegistry, health: HealthCheck):
-        self.address = address
-        self.registry = registry
-        self.health = health
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def port(self) -> int:
-        """The bound port (useful with port 0)."""
-        if self._server is None:
-            raise RuntimeError("not started")
-        return int(self._server.server_address[1])
-
-    def start(self) -> None:
-        """Bind and serve; raises ``StreamdError`` with a clear message if the port is taken."""
-        handler = _handler_class(self.registry, self.health)
-        try:
-            server = ThreadingHTTPServer(self.address, handler)
-        except OSError as exc:
-            host, port = self.address
-            raise StreamdError(
-                f"metrics.listen {host}:{port}: cannot listen: {exc.strerror or exc}"
-                ' (another process has the port? change metrics.listen, or set it to "")'
-            ) from exc
-        server.daemon_threads = True
-        self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever, name="streamd.metrics", kwargs={"poll_interval": 0.2}
-        )
-        self._thread.daemon = True
-        self._thread.start()
-        logger.info("metrics on http://%s:%d/metrics", self.address[0], self.port)
-
-    def stop(self) -> None:
-        """Stop serving and close the socket."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=2)
-            self._thread = None
-
-    def __enter__(self) -> MetricsServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-
-def _handler_class(
-    registry: CollectorRegistry, health: HealthCheck
-) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "streamd"
-
-        def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                self._reply(HTTPStatus.OK, generate_latest(registry), CONTENT_TYPE_LATEST)
-            elif path == "/healthz":
-                ok, reason = health()
-                status = HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE
-                body = (reason or "ok") + "\n"
-                self._reply(status, body.encode(), "text/plain; charset=utf-8")
-            else:
-                self._reply(HTTPStatus.NOT_FOUND, b"try /metrics or /healthz\n", "text/plain")
-
-        def _reply(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-            """Scrapes are not state changes: no access log."""
-
-    return Handler

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from typing import Any
 
-from streamd.domain import Event, Score, Window
+from streamd.domain import Event, EventType, Score, Window
 
 PAYLOAD_VERSION = 1
 
@@ -16,9 +17,15 @@ def iso_utc(unix_s: float) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
-def event_payload(event: Event, profile: str, model: str) -> dict[str, object]:
-    """The self-contained event JSON of ``<prefix>/<stream>/events``."""
-    return {
+def event_payload(
+    event: Event, profile: str, model: str, files: bool | None = None
+) -> dict[str, object]:
+    """The self-contained event JSON of ``<prefix>/<stream>/events``.
+
+    ``files``: None leaves out ``clip`` and ``snapshot`` (no store); True names the event's
+    routes; False says there are none (null).
+    """
+    payload: dict[str, object] = {
         "v": PAYLOAD_VERSION,
         "type": event.type.value,
         "id": event.id,
@@ -35,6 +42,10 @@ def event_payload(event: Event, profile: str, model: str) -> dict[str, object]:
         "model": model,
         "windows": event.windows,
     }
+    if files is not None:
+        payload["clip"] = f"/api/events/{event.id}/clip.mp4" if files else None
+        payload["snapshot"] = f"/api/events/{event.id}/snapshot.jpg" if files else None
+    return payload
 
 
 def analysis_payload(window: Window, score: Score, latency_s: float) -> dict[str, object]:
@@ -54,3 +65,31 @@ def analysis_payload(window: Window, score: Score, latency_s: float) -> dict[str
 def encode(payload: dict[str, object]) -> bytes:
     """Compact UTF-8 JSON."""
     return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def event_from_payload(doc: dict[str, Any]) -> Event:
+    """The ``Event`` an event JSON describes (a stored message being sent again)."""
+    return Event(
+        type=EventType(doc["type"]),
+        id=doc["id"],
+        stream=doc["stream"],
+        seq=int(doc["seq"]),
+        start_s=float(doc["start_pts_s"]),
+        end_s=float(doc["end_pts_s"]),
+        wall_start_s=parse_iso(doc["start"]),
+        wall_end_s=parse_iso(doc["end"]),
+        significance=int(doc["significance"]),
+        peak_significance=int(doc["peak_significance"]),
+        description=str(doc["description"]),
+        windows=int(doc["windows"]),
+        best_window=0,
+        best_frame=0,
+    )
+
+
+def parse_iso(text: str) -> float:
+    """Unix time of an ISO 8601 timestamp (``Z`` or an offset; naive means UTC)."""
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()

@@ -7,8 +7,10 @@ import contextlib
 import io
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from PIL import Image as PILImage
 
@@ -25,7 +27,12 @@ from streamd.ring import FrameRing, Overflow, RingClosed
 from streamd.scoring.prompt import resolve_prompt
 from streamd.scoring.runner import ModelRunner
 from streamd.sinks import EventSink
+from streamd.store import CLIPS_DIR
 from streamd.window import Windower
+
+if TYPE_CHECKING:
+    from streamd.clips import ClipRecorder
+    from streamd.store import EventStore
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +44,24 @@ FILE_WAKE_BATCH = 4
 SNAPSHOT_WIDTH = 640
 SNAPSHOT_QUALITY = 85
 SNAPSHOT_TIMEOUT_S = 5.0
+RECENT_WINDOWS = 900
+"""Analysed windows kept per stream for the review page's strip (an hour at a 4 s stride)."""
+RECORDER_CLOSE_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Keeping:
+    """What a stream keeps for review: the event store, its clip recorder, where seq was.
+
+    Attributes:
+        store: Where event snapshots go (the messages go through the sink).
+        recorder: Cuts each event's clip from the stream (None: no ``storage.dir``).
+        last_seq: The stream's last event ``seq`` in the store: numbering continues there.
+    """
+
+    store: EventStore
+    recorder: ClipRecorder | None = None
+    last_seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +89,13 @@ class StreamPipeline:
         sink: EventSink,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
+        keeping: Keeping | None = None,
     ) -> None:
         self.config = config
+        self._keeping = keeping
+        self._recorder = keeping.recorder if keeping is not None else None
+        self.latest_frame: Frame | None = None
+        self._recent: deque[tuple[float, float, int | None]] = deque(maxlen=RECENT_WINDOWS)
         self.name = config.name
         self.live = config.is_live
         self._runner = runner
@@ -81,7 +111,12 @@ class StreamPipeline:
         self._spare = runner.has_spare_time if describe == "auto" else None
         if self.live:
             runner.add_demand(self._window_waiting)
-        self._aggregator = EventAggregator(config.name, config.min_significance, config.cooldown_s)
+        self._aggregator = EventAggregator(
+            config.name,
+            config.min_significance,
+            config.cooldown_s,
+            last_seq=keeping.last_seq if keeping is not None else 0,
+        )
         self._mailbox: Mailbox[_Pending] = Mailbox(replace=self.live, on_replace=self._replaced)
         self.source: PyAVSource | None = None
         # (state, last error) in one attribute: /healthz reads it from another thread.
@@ -99,6 +134,11 @@ class StreamPipeline:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self._on_state, state, detail)
 
+        recorder = self._recorder
+        extra: dict[str, object] = {}
+        if recorder is not None:  # clips and source-resolution snapshots
+            extra = {"recorder": recorder, "full_frames": True}
+            recorder.start()
         self.source = PyAVSource(
             self.config,
             self._runner.backend.input_size,
@@ -106,6 +146,7 @@ class StreamPipeline:
             self._stream_metrics,
             on_state=on_state,
             clock=self._clock,
+            **extra,
         )
         self.source.start()
         try:
@@ -114,6 +155,8 @@ class StreamPipeline:
                 tasks.create_task(self._analyse(), name=f"streamd[{self.name}].analyse")
         finally:
             self.source.stop()
+            if recorder is not None:
+                await asyncio.to_thread(recorder.close, RECORDER_CLOSE_S)
 
     def stop(self) -> None:
         """Graceful stop: no new frames or windows; the window being analysed may finish."""
@@ -166,8 +209,14 @@ class StreamPipeline:
         # do, so a window's vision is mostly done when it is cut. Not behind a motion gate: a
         # gated window's frames may never be needed.
         ahead = self._runner.offer_frame if self.live and self.config.motion_gate == 0 else None
+
+        def on_frame(frame: Frame) -> None:
+            self.latest_frame = frame
+            if ahead is not None:
+                ahead(frame)
+
         try:
-            async for window in windows_from(ring, windower, ahead):
+            async for window in windows_from(ring, windower, on_frame):
                 await self._submit(window)
         except MailboxClosed:
             pass  # stop() closed it: shutting down
@@ -221,6 +270,7 @@ class StreamPipeline:
             raise
         finally:
             for event in self._aggregator.finish():
+                self._record(event)
                 self._publish_event(event)
 
     async def _score(self, window: Window) -> Score | None:
@@ -241,6 +291,7 @@ class StreamPipeline:
             self._stream_metrics.unparsed_answers.inc()
         if self.live:
             self._stream_metrics.window_lag.set(max(0.0, self._clock() - window.wall_end_s))
+        self._recent.append((window.wall_start_s, window.wall_end_s, score.significance))
         logger.info(
             "stream %s: window #%d %.1f-%.1fs significance %s: %s",
             self.name,
@@ -253,15 +304,34 @@ class StreamPipeline:
         self._sink.analysis(self.name, encode(analysis_payload(window, score, latency)))
         await self._observe(window, score)
 
+    def recent_windows(self) -> list[tuple[float, float, int | None]]:
+        """Analysed windows, oldest first: (wall start, wall end, significance or None)."""
+        return list(self._recent)
+
     async def _observe(self, window: Window, score: Score) -> None:
         for event in self._aggregator.observe(window, score):
+            self._record(event)
             if event.best_window == window.seq and event.type is not EventType.END:
                 frame = window.frames[min(event.best_frame, len(window.frames) - 1)]
-                await self._snapshot(frame)
+                await self._snapshot(frame, event.id)
             self._publish_event(event)
 
+    def _record(self, event: Event) -> None:
+        """Start, stretch or end the event's clip (the recorder writes it on its own thread)."""
+        recorder = self._recorder
+        if recorder is None:
+            return
+        if event.type is EventType.NEW:
+            recorder.begin(event.id, event.start_s)
+        elif event.type is EventType.UPDATE:
+            recorder.extend(event.id, event.end_s)
+        else:
+            recorder.end(event.id, event.end_s)
+
     def _publish_event(self, event: Event) -> None:
-        payload = encode(event_payload(event, self.config.profile, self._runner.backend.model_id))
+        files = None if self._keeping is None else self._recorder is not None
+        model = self._runner.backend.model_id
+        payload = encode(event_payload(event, self.config.profile, model, files))
         # Opening and closing are state changes (INFO); an update repeats the window's line.
         level = logging.DEBUG if event.type is EventType.UPDATE else logging.INFO
         logger.log(
@@ -275,8 +345,13 @@ class StreamPipeline:
             event.description or "-",
         )
         self._sink.event(event, payload)
+        keeping = self._keeping
+        if keeping is not None and self._recorder is not None and event.type is EventType.NEW:
+            # After the sink stored the event (the store's thread runs jobs in order).
+            with contextlib.suppress(RuntimeError):
+                keeping.store.submit(keeping.store.set_clip, event.id, clip_name(event.id), 0)
 
-    async def _snapshot(self, frame: Frame) -> None:
+    async def _snapshot(self, frame: Frame, event_id: str) -> None:
         # JPEG encoding is milliseconds of CPU: keep it off the loop.
         try:
             async with asyncio.timeout(SNAPSHOT_TIMEOUT_S):
@@ -285,6 +360,16 @@ class StreamPipeline:
             logger.warning("stream %s: no snapshot: %s", self.name, exc)
             return
         self._sink.snapshot(self.name, jpeg)
+        keeping = self._keeping
+        if keeping is not None and keeping.store.durable:
+            full = getattr(frame, "source_jpeg", None) or jpeg  # the source's resolution
+            with contextlib.suppress(RuntimeError):  # the store closed: shutting down
+                keeping.store.submit(keeping.store.set_snapshot, event_id, full)
+
+
+def clip_name(event_id: str) -> str:
+    """Where an event's clip lies, relative to ``storage.dir``."""
+    return f"{CLIPS_DIR}/{event_id}.mp4"
 
 
 def frame_ring(

@@ -62,6 +62,14 @@ class Timeline:
         self._last_pts = pts
         return pts
 
+    def offset_s(self) -> float | None:
+        """Stream seconds minus decoder time, as now mapped (rebases included); None until known.
+
+        Known from the start when ``origin`` is given (files), else from the first timestamped
+        frame. Demuxed packets use it to land on the frames' clock.
+        """
+        return None if self._origin is None else self.base_s - self._origin
+
     def _is_discontinuity(self, step: float) -> bool:
         if step < -REBASE_BACKWARD_S:
             return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import urllib.error
 import urllib.request
 
@@ -17,6 +18,20 @@ def get(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
     except OSError:
         return 0, ""
+
+
+async def answers(url: str, expected: tuple[int, str]) -> bool:
+    """Whether ``url`` answers ``(status, body)`` now; read off the event loop.
+
+    The daemon's HTTP server runs on the test's loop: a blocking read there would wait for an
+    answer the blocked loop can never give.
+    """
+    return await asyncio.to_thread(get, url) == expected
+
+
+async def aget(url: str) -> tuple[int, str]:
+    """``get`` off the event loop."""
+    return await asyncio.to_thread(get, url)
 
 
 def metric(body: str, name: str, **labels: str) -> float:

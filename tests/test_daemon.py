@@ -137,7 +137,7 @@ def test_port_taken_exits_3(clips: ClipSet, tmp_path: Path) -> None:
         with DaemonProcess(cfg) as daemon:
             assert daemon.wait(30) == 3
             line = daemon.wait_for_line("startup failed")
-            assert f"metrics.listen 127.0.0.1:{port}: cannot listen" in line
+            assert f"http.listen 127.0.0.1:{port}: cannot listen" in line
             assert "Traceback" not in daemon.output
 
 

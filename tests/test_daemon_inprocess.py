@@ -21,7 +21,7 @@ from streamd.errors import ExitCode, ModelError
 from streamd.sdnotify import SystemdNotifier
 from tests.broker import free_port
 from tests.media import ClipSet
-from tests.scrape import get
+from tests.scrape import answers, get
 from tests.slow_backend import SlowBackend
 from tests.waiting import eventually
 
@@ -158,7 +158,7 @@ async def test_healthz_follows_a_stall_at_once(clips: ClipSet) -> None:
     try:
         async with asyncio.timeout(SERVE_TIMEOUT_S):
             await eventually(lambda: daemon.runner is not None and daemon.runner.ready)
-            await eventually(lambda: get(healthz) == (200, "ok\n"), what="healthy")
+            await eventually(lambda: answers(healthz, (200, "ok\n")), what="healthy")
             runner = daemon.runner
             assert runner is not None
             await eventually(lambda: runner.stalled_since is not None, 10, "stalled")
@@ -199,14 +199,14 @@ async def test_healthz_names_an_unreachable_model_server_and_recovers(clips: Cli
     healthz = f"http://127.0.0.1:{port}/healthz"
     try:
         async with asyncio.timeout(SERVE_TIMEOUT_S):
-            await eventually(lambda: get(healthz) == (200, "ok\n"), 10, "healthy")
+            await eventually(lambda: answers(healthz, (200, "ok\n")), 10, "healthy")
             backend.down = True
             await eventually(
-                lambda: get(healthz) == (503, "model server unreachable\n"), 10, "unreachable"
+                lambda: answers(healthz, (503, "model server unreachable\n")), 10, "unreachable"
             )
             assert not serving.done()  # the daemon stays up
             backend.down = False
-            await eventually(lambda: get(healthz) == (200, "ok\n"), 10, "recovered")
+            await eventually(lambda: answers(healthz, (200, "ok\n")), 10, "recovered")
             dropped = daemon.registry.get_sample_value(
                 "streamd_windows_dropped_total", {"stream": "cam", "reason": "model_error"}
             )

@@ -38,6 +38,8 @@ EVENT_KEYS = {
     "profile",
     "model",
     "windows",
+    "clip",  # v1.1: null without storage.dir
+    "snapshot",
 }
 ANALYSIS_KEYS = {"v", "stream", "seq", "start", "end", "significance", "description", "latency_s"}
 ISO_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -126,6 +128,8 @@ async def test_events_over_mqtt_follow_the_spec(
         assert event["v"] == 1
         assert event["stream"] == "cam"
         assert event["model"] == "motion"
+        assert event["clip"] is None  # no storage.dir: no files
+        assert event["snapshot"] is None
         assert event["profile"] == "surveillance"
         assert ISO_RE.match(str(event["start"]))
         assert ISO_RE.match(str(event["end"]))

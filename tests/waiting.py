@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Callable
 
@@ -12,13 +13,16 @@ POLL_S = 0.02
 async def eventually(
     condition: Callable[[], object], within_s: float = 5.0, what: str = ""
 ) -> None:
-    """Return once ``condition()`` is truthy; fail the test after ``within_s`` seconds."""
+    """Return once ``condition()`` is truthy; fail the test after ``within_s`` seconds.
+
+    ``condition`` may return an awaitable (an HTTP read in a thread): its result counts.
+    """
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
-        if condition():
+        if await _holds(condition):
             return
         await asyncio.sleep(POLL_S)
-    if condition():
+    if await _holds(condition):
         return
     raise AssertionError(f"not true after {within_s}s: {what or condition}")
 
@@ -32,3 +36,10 @@ def eventually_sync(condition: Callable[[], object], within_s: float = 5.0, what
         time.sleep(POLL_S)
     if not condition():
         raise AssertionError(f"not true after {within_s}s: {what or condition}")
+
+
+async def _holds(condition: Callable[[], object]) -> bool:
+    result = condition()
+    if inspect.isawaitable(result):
+        result = await result
+    return bool(result)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Protocol
 
 from streamd.domain import Event
@@ -54,8 +55,13 @@ class EventSink(Protocol):
 class LogSink:
     """``mqtt.enabled: false``: events go to the log, one line each."""
 
-    def __init__(self, on_published: EventCounter | None = None) -> None:
+    def __init__(
+        self,
+        on_published: EventCounter | None = None,
+        on_settled: Callable[[Event, bool], None] | None = None,
+    ) -> None:
         self._on_published = on_published
+        self._on_settled = on_settled
 
     async def run(self) -> None:
         """Nothing runs in the background."""
@@ -74,6 +80,8 @@ class LogSink:
         logger.debug("event %s %s: %s", event.type.value, event.stream, payload.decode())
         if self._on_published is not None:
             self._on_published(event)
+        if self._on_settled is not None:
+            self._on_settled(event, True)
 
     def analysis(self, stream: str, payload: bytes) -> None:
         """Windows are logged by the pipeline already."""

@@ -10,7 +10,7 @@ import random
 import ssl
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import aiomqtt
@@ -87,8 +87,10 @@ class MqttPublisher:
         streams: Sequence[str],
         *,
         model_id: str = "",
+        on_settled: Callable[[Event, bool], None] | None = None,
     ) -> None:
         self._config = config
+        self._on_settled = on_settled
         self._metrics = metrics
         self._prefix = prefix = config.topic_prefix
         self._available = f"{prefix}/available"
@@ -156,6 +158,8 @@ class MqttPublisher:
     def _dropped(self, message: _EventMessage) -> None:
         """The outbox dropped its oldest message to make room: count it, warn once per spell."""
         self._metrics.mqtt_dropped.labels(reason="outbox_full").inc()
+        if self._on_settled is not None:
+            self._on_settled(message.event, False)
         if self._outbox.drops_since_empty == 1:
             logger.warning(
                 "mqtt: outbox full (%d events), dropping the oldest", self._outbox.capacity
@@ -343,6 +347,8 @@ class MqttPublisher:
             # False: dropped for room while in flight, and counted as dropped already.
             if self._outbox.ack(entry):
                 event = entry.item.event
+                if self._on_settled is not None:
+                    self._on_settled(event, True)
                 self._metrics.events_published.labels(
                     stream=event.stream, type=event.type.value
                 ).inc()
