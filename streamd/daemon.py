@@ -280,10 +280,10 @@ class Daemon:
                     await self._wake.wait()
         return ExitCode.OK
 
-    def health(self) -> tuple[bool, str]:
-        """``/healthz``: evaluated when asked, on the metrics server's thread.
+    def health(self) -> tuple[bool, str]:  # noqa: PLR0911 - one answer per check, in order
+        """``/healthz``: evaluated when asked (the HTTP server runs on the daemon's loop).
 
-        So it only reads attributes that are replaced whole (a flag, a float, the pipeline list,
+        It only reads attributes that are replaced whole (a flag, a float, the pipeline list,
         each pipeline's status pair), never state that is changed in place.
         """
         if self.should_exit:
