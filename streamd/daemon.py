@@ -383,8 +383,7 @@ class Daemon:
 
 def latest_jpeg(frame: Frame) -> bytes:
     """``latest.jpg``: the frame at the source's resolution when kept, else un-squashed."""
-    full: bytes | None = getattr(frame, "source_jpeg", None)
-    return full if full is not None else snapshot_jpeg(frame)
+    return frame.source_jpeg if frame.source_jpeg is not None else snapshot_jpeg(frame)
 
 
 def join_timeout_s(source: PyAVSource) -> float:

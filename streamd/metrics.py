@@ -8,7 +8,6 @@ URL or a prompt.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -20,8 +19,6 @@ STAGES = ("decode", "queue", "vision", "prefill", "generate", "publish")
 # Decode of one sampled frame is milliseconds; a window's analysis is seconds to a minute.
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 WINDOW_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
-
-HealthCheck = Callable[[], tuple[bool, str]]
 
 
 class Metrics:

@@ -135,9 +135,7 @@ class StreamPipeline:
                 loop.call_soon_threadsafe(self._on_state, state, detail)
 
         recorder = self._recorder
-        extra: dict[str, object] = {}
-        if recorder is not None:  # clips and source-resolution snapshots
-            extra = {"recorder": recorder, "full_frames": True}
+        if recorder is not None:  # clips, and snapshots at the source's resolution
             recorder.start()
         self.source = PyAVSource(
             self.config,
@@ -146,7 +144,8 @@ class StreamPipeline:
             self._stream_metrics,
             on_state=on_state,
             clock=self._clock,
-            **extra,
+            recorder=recorder,
+            full_frames=recorder is not None,
         )
         self.source.start()
         try:
@@ -311,10 +310,14 @@ class StreamPipeline:
     async def _observe(self, window: Window, score: Score) -> None:
         for event in self._aggregator.observe(window, score):
             self._record(event)
+            best: Frame | None = None
+            jpeg: bytes | None = None
             if event.best_window == window.seq and event.type is not EventType.END:
-                frame = window.frames[min(event.best_frame, len(window.frames) - 1)]
-                await self._snapshot(frame, event.id)
+                best = window.frames[min(event.best_frame, len(window.frames) - 1)]
+                jpeg = await self._snapshot(best)  # retained on MQTT before the event
             self._publish_event(event)
+            if best is not None and jpeg is not None:
+                self._keep_snapshot(event.id, best.source_jpeg or jpeg)
 
     def _record(self, event: Event) -> None:
         """Start, stretch or end the event's clip (the recorder writes it on its own thread)."""
@@ -351,20 +354,23 @@ class StreamPipeline:
             with contextlib.suppress(RuntimeError):
                 keeping.store.submit(keeping.store.set_clip, event.id, clip_name(event.id), 0)
 
-    async def _snapshot(self, frame: Frame, event_id: str) -> None:
+    async def _snapshot(self, frame: Frame) -> bytes | None:
         # JPEG encoding is milliseconds of CPU: keep it off the loop.
         try:
             async with asyncio.timeout(SNAPSHOT_TIMEOUT_S):
                 jpeg = await asyncio.to_thread(snapshot_jpeg, frame)
         except (TimeoutError, OSError, ValueError) as exc:
             logger.warning("stream %s: no snapshot: %s", self.name, exc)
-            return
+            return None
         self._sink.snapshot(self.name, jpeg)
+        return jpeg
+
+    def _keep_snapshot(self, event_id: str, jpeg: bytes) -> None:
+        """The event's snapshot file, after its message (the store runs jobs in order)."""
         keeping = self._keeping
         if keeping is not None and keeping.store.durable:
-            full = getattr(frame, "source_jpeg", None) or jpeg  # the source's resolution
             with contextlib.suppress(RuntimeError):  # the store closed: shutting down
-                keeping.store.submit(keeping.store.set_snapshot, event_id, full)
+                keeping.store.submit(keeping.store.set_snapshot, event_id, jpeg)
 
 
 def clip_name(event_id: str) -> str:

@@ -7,6 +7,7 @@ a live camera, the HTTP API read over a socket, the clip decoded with PyAV.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import re
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import av
 import pytest
+from PIL import Image
 
 from tests.broker import Mosquitto, free_port
 from tests.daemon_proc import DaemonProcess, write_config
@@ -162,6 +164,11 @@ async def test_kill_9_mid_event_the_event_is_ended_and_its_clip_plays(
         assert status == 200
         served.write_bytes(data)
         assert _decodable_s(served) >= played - 0.01  # what was written is still there
+        status, jpeg = await asyncio.to_thread(_get_bytes, f"{base}{doc['snapshot']}")
+        assert status == 200
+        with av.open(str(busy_clip)) as source:
+            size = (source.streams.video[0].width, source.streams.video[0].height)
+        assert Image.open(io.BytesIO(jpeg)).size == size  # the source's resolution, not 512²
         second.signal(signal.SIGTERM)
         assert await asyncio.to_thread(second.wait, 20) == 0
 
@@ -175,17 +182,11 @@ def _decodable_s(path: Path) -> float:
     try:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
-            first = last = None
-            for frame in container.decode(stream):
-                if frame.time is None:
-                    continue
-                first = frame.time if first is None else first
-                last = frame.time
+            times = [f.time for f in container.decode(stream) if f.time is not None]
+
     except (av.error.FFmpegError, OSError):
         return 0.0
-    if first is None or last is None:
-        return 0.0
-    return float(last - first)
+    return float(times[-1] - times[0]) if times else 0.0
 
 
 def _wait_get(url: str) -> tuple[int, str]:

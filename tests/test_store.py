@@ -4,6 +4,7 @@ a damaged database and a full disk (a tiny tmpfs of the test's own)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import subprocess
@@ -133,9 +134,7 @@ async def test_retention_by_age_then_size_oldest_first(tmp_path: Path) -> None:
     for day in range(5):  # one ended event per day, each with a 1000-byte clip
         for made in messages("cam", [8, 1, 1], start_s=day * DAY_S):
             wall = clock.now - (17 - day) * DAY_S
-            event = made.__class__(
-                **{**_fields(made), "wall_start_s": wall, "wall_end_s": wall + 8}
-            )
+            event = dataclasses.replace(made, wall_start_s=wall, wall_end_s=wall + 8)
             await store.call(store.record, payload(event))
         ids.append(event.id)
         clip = tmp_path / "clips" / f"{event.id}.mp4"
@@ -157,10 +156,6 @@ async def test_retention_by_age_then_size_oldest_first(tmp_path: Path) -> None:
     )
     assert registry_value == 2
     await small.close()
-
-
-def _fields(event: Event) -> dict[str, object]:
-    return {name: getattr(event, name) for name in event.__dataclass_fields__}
 
 
 async def test_a_damaged_database_is_left_alone_and_memory_is_used(
@@ -216,7 +211,7 @@ async def test_disk_full_is_one_error_and_nothing_stored_is_lost(
         results = []
         with caplog.at_level(logging.ERROR):
             for event in later:
-                big = event.__class__(**{**_fields(event), "description": "y" * 4000})
+                big = dataclasses.replace(event, description="y" * 4000)
                 results.append(await store.call(store.record, payload(big)))
         assert False in results  # the disk filled up
         errors = [r.getMessage() for r in caplog.records if "cannot write" in r.getMessage()]
