@@ -6,6 +6,7 @@ Pure: the ``*_file`` secret is read by ``config._read_files`` with the other fil
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
@@ -58,7 +59,7 @@ class StorageConfig(Section):
     @field_validator("dir")
     @classmethod
     def _relative(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        return None if value is None else resolve_path(value, info)
+        return None if value is None else Path(os.path.normpath(resolve_path(value, info)))
 
     @property
     def enabled(self) -> bool:
