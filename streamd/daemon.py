@@ -29,14 +29,14 @@ from streamd.scoring.runner import ModelRunner
 from streamd.sdnotify import SystemdNotifier
 from streamd.sinks import EventSink, LogSink
 from streamd.sinks.stored import SettleHook, StoredSink
-from streamd.store import CLIPS_DIR, EventStore
+from streamd.store.events import CLIPS_DIR, EventStore
 from streamd.web.api import create_app
 from streamd.web.server import HttpServer
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp
 
-    from streamd.clips import ClipRecorder
+    from streamd.store.clips import ClipRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ class Daemon:
         root = self.config.storage.dir
         if store is None or root is None or not store.durable:
             return None
-        from streamd.clips import ClipRecorder  # noqa: PLC0415 - PyAV muxing only when used
+        from streamd.store.clips import ClipRecorder  # noqa: PLC0415 - PyAV muxing only when used
 
         def done(event_id: str, _path: Path, size: int, _complete: bool) -> None:
             with contextlib.suppress(RuntimeError):  # the store is closed: shutting down

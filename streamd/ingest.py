@@ -31,7 +31,6 @@ import av.video.stream
 import numpy as np
 
 from streamd.backoff import backoff_delay
-from streamd.clips import AnyPacket, ClipRecorder, snapshot_jpeg
 from streamd.config import StreamConfig, is_file_url
 from streamd.domain import LEGAL_TRANSITIONS, Frame, SourceState
 from streamd.errors import SourceError
@@ -39,6 +38,8 @@ from streamd.log import redact_url
 from streamd.metrics import StreamMetrics
 from streamd.ring import FrameRing
 from streamd.sampling import FrameSampler, Timeline
+from streamd.store.clips import ClipRecorder, snapshot_jpeg
+from streamd.store.packets import AnyPacket
 
 logger = logging.getLogger(__name__)
 

@@ -68,7 +68,7 @@ class Metrics:
             ("outcome",),
             registry=r,
         )
-        # --- clips (streamd/clips.py) ---
+        # --- clips (streamd/store/clips.py) ---
         self.clip_ring_bytes = Gauge(
             "streamd_clip_ring_bytes",
             "Demuxed packets held per stream for the pre-roll of the next clip.",
@@ -85,7 +85,7 @@ class Metrics:
         self.clip_errors = Counter(
             "streamd_clip_errors", "Clips that could not be written.", (*s, "reason"), registry=r
         )
-        # --- storage (streamd/store.py) ---
+        # --- storage (streamd/store/events.py) ---
         self.storage_errors = Counter(
             "streamd_storage_errors",
             "Event store failures (disk_full, corrupt, error); publishing goes on.",

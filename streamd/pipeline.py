@@ -27,12 +27,12 @@ from streamd.ring import FrameRing, Overflow, RingClosed
 from streamd.scoring.prompt import resolve_prompt
 from streamd.scoring.runner import ModelRunner
 from streamd.sinks import EventSink
-from streamd.store import CLIPS_DIR
+from streamd.store.events import CLIPS_DIR
 from streamd.window import Windower
 
 if TYPE_CHECKING:
-    from streamd.clips import ClipRecorder
-    from streamd.store import EventStore
+    from streamd.store.clips import ClipRecorder
+    from streamd.store.events import EventStore
 
 logger = logging.getLogger(__name__)
 

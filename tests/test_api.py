@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from streamd.config import parse_config
 from streamd.errors import ConfigError
-from streamd.store import EventQuery, EventStore
+from streamd.store.events import EventQuery, EventStore
 from tests.frames import bars, frame
 from tests.test_store import DAY_S, Clock, messages, new_store, payload
 from tests.web import FakeReview, View, serving

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from streamd.daemon import latest_jpeg
 from streamd.domain import Frame
-from streamd.store import EventStore
+from streamd.store.events import EventStore
 from streamd.web.api import StreamView, create_app
 from streamd.web.server import HttpServer
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from streamd.domain import Event
 from streamd.payloads import event_from_payload
 from streamd.sinks import EventSink
-from streamd.store import EventStore
+from streamd.store.events import EventStore
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from streamd.domain import Frame
 from streamd.payloads import iso_utc, parse_iso
-from streamd.store import EVENT_ID_RE, EventQuery, EventStore, StoredFiles
+from streamd.store.events import EVENT_ID_RE, EventQuery, EventStore, StoredFiles
 
 MAX_LIMIT = 500
 DEFAULT_LIMIT = 50

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Literal, TypeAlias
+from typing import Literal
 
 import av
 import av.audio.stream
@@ -52,6 +52,7 @@ import av.video.stream
 from PIL import Image
 
 from streamd.metrics import Metrics
+from streamd.store.packets import EPS_S, AnyPacket, PacketRing, RingEntry
 
 logger = logging.getLogger(__name__)
 
@@ -65,28 +66,18 @@ pre-roll, so the pre-roll is still in the ring when it does."""
 UNPLACED_MAX = 256
 FRAGMENT_S = 2.0
 MP4_OPTIONS = {
-    "movflags": "frag_keyframe+empty_moov+default_base_moof",
+    "movflags": "frag_keyframe+empty_moov+delay_moov+default_base_moof",
     "frag_duration": str(int(FRAGMENT_S * 1e6)),
     "flush_packets": "1",  # each fragment reaches the file when it is complete
 }
 JPEG_QUALITY = 85
 DROP_REASONS = ("queue_full", "ring_bytes", "resync", "untimed", "write_error")
-_EPS_S = 1e-3
-_ERRNO_REASONS = {
-    errno.ENOSPC: "no_space",
-    errno.EDQUOT: "no_space",
-    errno.EFBIG: "no_space",
-    errno.EACCES: "not_writable",
-    errno.EPERM: "not_writable",
-    errno.EROFS: "not_writable",
-    errno.ENOTDIR: "not_writable",
-    errno.EEXIST: "not_writable",
-    errno.EISDIR: "not_writable",
-}
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.EISDIR)
+_ERRNO_REASONS = dict.fromkeys(_FULL, "no_space") | dict.fromkeys(_DENIED, "not_writable")
 
 ClipDone = Callable[[str, Path, int, bool], None]
 """``(event_id, path, size_bytes, complete)``, on the recorder thread, once per ``begin``."""
-AnyPacket: TypeAlias = "av.Packet[av.stream.Stream]"
 
 
 def snapshot_jpeg(frame: av.video.frame.VideoFrame, quality: int = JPEG_QUALITY) -> bytes:
@@ -128,17 +119,6 @@ def _templates(
     return _Templates(holder, video_copy, audio_copy, signature, 1 / float(rate))
 
 
-@dataclass(slots=True)
-class _Entry:
-    """A packet in the ring; ``stream_s`` is the time of its pts (or dts)."""
-
-    packet: AnyPacket
-    video: bool
-    key: bool
-    stream_s: float = 0.0
-    seq: int = 0
-
-
 @dataclass(frozen=True, slots=True)
 class _Arrival:
     packet: AnyPacket
@@ -160,79 +140,6 @@ class _Command:
 
 
 _Item = _Arrival | _Connect | _Command
-
-
-class _PacketRing:
-    """Packets in demux order, trimmed to whole GOPs by age and by bytes (recorder thread)."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.entries: deque[_Entry] = deque()
-        self.keys: deque[_Entry] = deque()  # the video keyframes among them
-        self.bytes = 0
-        self.next_seq = 0
-
-    def append(self, entry: _Entry) -> None:
-        entry.seq = self.next_seq
-        self.next_seq += 1
-        self.entries.append(entry)
-        self.bytes += entry.packet.size
-        if entry.video and entry.key:
-            self.keys.append(entry)
-
-    @property
-    def first_seq(self) -> int:
-        return self.entries[0].seq if self.entries else self.next_seq
-
-    def get(self, seq: int) -> _Entry | None:
-        index = seq - self.first_seq
-        return self.entries[index] if 0 <= index < len(self.entries) else None
-
-    def start_for(self, target_s: float) -> _Entry | None:
-        """The last keyframe at or before ``target_s``, else the oldest one held."""
-        best = self.keys[0] if self.keys else None
-        for key in self.keys:
-            if key.stream_s > target_s + _EPS_S:
-                break
-            best = key
-        return best
-
-    def evict(self, horizon_s: float, keep_from: int) -> int:
-        """Drop GOPs older than ``horizon_s`` (not from ``keep_from`` on), then over-bytes ones.
-
-        Returns how many packets went for the byte bound.
-        """
-        newest = self.entries[-1].stream_s
-        while (
-            len(self.keys) > 1
-            and self.keys[1].stream_s <= newest - horizon_s
-            and self.keys[1].seq <= keep_from
-        ):
-            second = self.keys[1]
-            while self.entries[0] is not second:
-                self._pop()
-        dropped = 0
-        # Over the bound, drop from the front until the ring starts at a keyframe again.
-        while self.entries and (
-            self.bytes > self.max_bytes or (dropped and self.entries[0] is not self._first_key())
-        ):
-            self._pop()
-            dropped += 1
-        return dropped
-
-    def clear(self) -> None:
-        self.entries.clear()
-        self.keys.clear()
-        self.bytes = 0
-
-    def _first_key(self) -> _Entry | None:
-        return self.keys[0] if self.keys else None
-
-    def _pop(self) -> None:
-        entry = self.entries.popleft()
-        self.bytes -= entry.packet.size
-        if self.keys and self.keys[0] is entry:
-            self.keys.popleft()
 
 
 @dataclass(slots=True)
@@ -297,12 +204,12 @@ class ClipRecorder:
         self._thread: threading.Thread | None = None
         self._indexes = (-1, -1)  # decode thread: (video, audio) stream index
         # Recorder thread only:
-        self._ring = _PacketRing(max_ring_bytes)
+        self._ring = PacketRing(max_ring_bytes)
         self._clips: dict[str, _Clip] = {}
         self._templates: _Templates | None = None
         self._connected = False
         self._await_key = True
-        self._unplaced: list[_Entry] = []
+        self._unplaced: list[RingEntry] = []
 
     def clip_path(self, event_id: str) -> Path:
         """Where an event's clip goes; ValueError for an id that is not an event id."""
@@ -327,9 +234,7 @@ class ClipRecorder:
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
-                logger.warning(
-                    "stream %s: clip writer still busy after %.1fs", self.stream, timeout
-                )
+                logger.warning("stream %s: clip writer busy after %.1fs", self.stream, timeout)
 
     # --- decode thread -----------------------------------------------------------------------
 
@@ -340,19 +245,18 @@ class ClipRecorder:
         audio_stream: av.audio.stream.AudioStream | None,
     ) -> None:
         """A new connection: copy its codec parameters (cheap, once per connection)."""
+        templates = None
         try:
             templates = _templates(video_stream, audio_stream, self.stream)
         except (ValueError, av.error.FFmpegError) as exc:
             logger.warning(
-                "stream %s: no clips from this %s source: %s",
-                self.stream,
-                container.format.name,
-                exc,
+                "stream %s: no clips from this %s: %s", self.stream, container.format.name, exc
             )
-            templates = None
-        has_audio = audio_stream is not None and templates is not None and templates.audio
-        audio_index = audio_stream.index if audio_stream is not None and has_audio else -1
-        self._indexes = (video_stream.index, audio_index)
+        self._indexes = (-1, -1)  # without templates, no packet is queued
+        if templates is not None:
+            has_audio = audio_stream is not None and templates.audio is not None
+            audio = audio_stream.index if audio_stream is not None and has_audio else -1
+            self._indexes = (video_stream.index, audio)
         self._push(_Connect(templates))
 
     def on_packet(self, packet: AnyPacket, stream_s: float | None) -> None:
@@ -406,14 +310,13 @@ class ClipRecorder:
             with self._cond:
                 while not self._items:
                     self._cond.wait()
-                batch = list(self._items)
-                self._items.clear()
-                self._queued_packets = 0
-            for item in batch:
-                if isinstance(item, _Command) and item.op == "stop":
-                    self._stop()
-                    return
-                self._handle(item)
+                item = self._items.popleft()
+                if isinstance(item, _Arrival):
+                    self._queued_packets -= 1
+            if isinstance(item, _Command) and item.op == "stop":
+                self._stop()
+                return
+            self._handle(item)
 
     def _handle(self, item: _Item) -> None:
         if isinstance(item, _Arrival):
@@ -483,7 +386,7 @@ class ClipRecorder:
                 self._drops["resync"].inc()
                 return
             self._await_key = False
-        entry = _Entry(arrival.packet, arrival.video, key)
+        entry = RingEntry(arrival.packet, arrival.video, key)
         if arrival.stream_s is None:
             if len(self._unplaced) >= UNPLACED_MAX:
                 self._unplaced.pop(0)
@@ -503,7 +406,7 @@ class ClipRecorder:
         for clip in list(self._clips.values()):
             self._advance(clip)
 
-    def _place_unplaced(self, timed: _Entry, frame_s: float) -> None:
+    def _place_unplaced(self, timed: RingEntry, frame_s: float) -> None:
         time_s = _packet_time(timed.packet)
         offset = None if time_s is None else timed.stream_s - time_s
         following = {timed.video: timed.stream_s}
@@ -550,14 +453,14 @@ class ClipRecorder:
         if clip.cursor < self._ring.first_seq:  # evicted for bytes before it was written
             clip.cursor, clip.need_key = self._ring.first_seq, True
         while (entry := self._ring.get(clip.cursor)) is not None:
-            if entry.stream_s >= clip.until_s - _EPS_S:
+            if entry.stream_s >= clip.until_s - EPS_S:
                 if clip.ended:
                     self._finish(clip, complete=True)
                 return
             clip.cursor += 1
             self._mux(clip, entry)
 
-    def _mux(self, clip: _Clip, entry: _Entry) -> None:
+    def _mux(self, clip: _Clip, entry: RingEntry) -> None:
         if entry.video and clip.need_key and not entry.key:
             return
         stream = clip.video if entry.video else clip.audio
@@ -587,11 +490,7 @@ class ClipRecorder:
         self._metrics.clip_errors.labels(stream=self.stream, reason=reason).inc()
         self._drops["write_error"].inc()
         logger.error(
-            "stream %s: clip %s stopped, cannot write %s: %s",
-            self.stream,
-            clip.event_id,
-            clip.path,
-            exc,
+            "stream %s: clip %s stopped, cannot write: %s", self.stream, clip.event_id, exc
         )
         self._finish(clip, complete=False, failed=True)
 
@@ -611,13 +510,10 @@ class ClipRecorder:
             size = 0
         if not failed:
             self._finished.inc()
+        how = "complete" if complete else "cut short"
+        length_s = max(0.0, clip.last_s - clip.origin_s)
         logger.info(
-            "stream %s: clip %s %s: %.1fs, %d bytes",
-            self.stream,
-            clip.event_id,
-            "complete" if complete else "cut short",
-            max(0.0, clip.last_s - clip.origin_s),
-            size,
+            "stream %s: clip %s %s: %.1fs, %dB", self.stream, clip.event_id, how, length_s, size
         )
         if self._on_done is not None:
             try:
