@@ -7,6 +7,7 @@ a live camera, the HTTP API read over a socket, the clip decoded with PyAV.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import re
@@ -23,6 +24,7 @@ from tests.daemon_proc import DaemonProcess, write_config
 from tests.media import Segment, write_clip
 from tests.mqtt_tools import Gate, Subscriber
 from tests.scrape import get
+from tests.test_store import tiny_filesystem
 from tests.waiting import eventually_sync
 
 pytestmark = pytest.mark.slow
@@ -200,3 +202,35 @@ def _get_bytes(url: str) -> tuple[int, bytes]:
 
     with urllib.request.urlopen(url, timeout=10) as response:
         return response.status, response.read()
+
+
+async def test_a_full_disk_is_one_error_and_the_daemon_goes_on(
+    blinking_clip: Path, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    port = free_port()
+    with tiny_filesystem(tmp_path / "small", "2m") as storage:
+        cfg = write_config(
+            tmp_path / "c.yaml", config(blinking_clip, storage, port, {"enabled": False})
+        )
+        async with asyncio.timeout(TEST_TIMEOUT_S):
+            daemon = DaemonProcess(cfg)
+            daemons.append(daemon)
+            await asyncio.to_thread(wait_events, daemon, 2)
+            filler = storage / "filler"
+            with contextlib.suppress(OSError), filler.open("wb") as handle:
+                while True:  # fill what is left
+                    handle.write(b"\0" * 65536)
+                    handle.flush()
+            before = len(logged(daemon))
+            await asyncio.to_thread(wait_events, daemon, before + 4)  # events go on
+            await asyncio.to_thread(daemon.wait_for_line, r"storage: cannot write events\.db", 20)
+            assert daemon.proc.poll() is None  # alive
+            assert (
+                daemon.count(r"storage: cannot write events.db") <= 1
+            )  # one line, not one per event
+            status, _ = await asyncio.to_thread(get, f"http://127.0.0.1:{port}/healthz")
+            assert status == 200
+            filler.unlink()
+            daemon.signal(signal.SIGTERM)
+            assert await asyncio.to_thread(daemon.wait, 20) == 0
+        assert "Traceback" not in daemon.output
