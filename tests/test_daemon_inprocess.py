@@ -9,6 +9,7 @@ import signal
 import socket
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -292,3 +293,19 @@ async def test_quiet_live_windows_are_described_when_the_model_has_time(
         assert with_text >= len(quiet) - 1, with_text
     else:
         assert with_text <= 2, with_text  # at most while the streams start up
+
+
+async def test_an_unusable_storage_dir_is_a_startup_failure(
+    clips: ClipSet, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("a regular file where storage.dir should go")
+    stream = {"name": "cam", "url": str(clips.motion.path)}
+    config = make_config([stream], storage={"dir": str(not_a_dir / "streamd")})
+    with caplog.at_level(logging.ERROR):
+        code = await make_daemon(config, SlowBackend()).serve()
+    assert code == ExitCode.STARTUP
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [
+        f"startup failed: storage.dir {not_a_dir / 'streamd'}: cannot use it: Not a directory"
+    ]

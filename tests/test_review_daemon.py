@@ -97,7 +97,7 @@ async def test_events_held_across_a_restart_all_arrive_with_seq_continuing(
             try:
                 first = DaemonProcess(cfg)
                 daemons.append(first)
-                await asyncio.to_thread(wait_events, first, 3)
+                await asyncio.to_thread(wait_events, first, 2)
                 first.signal(signal.SIGTERM)  # stopped with every event held
                 assert await asyncio.to_thread(first.wait, 20) == 0
                 held = logged(first)
@@ -222,7 +222,7 @@ async def test_a_full_disk_is_one_error_and_the_daemon_goes_on(
                     handle.write(b"\0" * 65536)
                     handle.flush()
             before = len(logged(daemon))
-            await asyncio.to_thread(wait_events, daemon, before + 4)  # events go on
+            await asyncio.to_thread(wait_events, daemon, before + 2)  # events go on
             await asyncio.to_thread(daemon.wait_for_line, r"storage: cannot write events\.db", 20)
             assert daemon.proc.poll() is None  # alive
             assert (

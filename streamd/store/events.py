@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from streamd.errors import StreamdError
 from streamd.metrics import Metrics
 from streamd.payloads import parse_iso
 
@@ -144,9 +145,16 @@ class EventStore:
         return self._pool.submit(fn, *args)
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Await ``fn(*args)`` run on the owner thread, bounded by ``CALL_TIMEOUT_S``."""
+        """Await ``fn(*args)`` run on the owner thread, bounded by ``CALL_TIMEOUT_S``.
+
+        Raises ``StoreError`` once the store is closed (shutting down).
+        """
+        try:
+            future = self.submit(fn, *args)
+        except RuntimeError as exc:  # the pool is shut down
+            raise StoreError("the event store is closed") from exc
         async with asyncio.timeout(CALL_TIMEOUT_S):
-            return await asyncio.wrap_future(self.submit(fn, *args))
+            return await asyncio.wrap_future(future)
 
     async def open(self) -> None:
         """Open (or create) the database; a damaged one is left alone and memory is used."""
@@ -174,8 +182,13 @@ class EventStore:
         if self.root is None:
             self._db = _connect(":memory:")
             return
-        for name in (CLIPS_DIR, SNAPSHOTS_DIR):
-            (self.root / name).mkdir(parents=True, exist_ok=True)
+        try:
+            for name in (CLIPS_DIR, SNAPSHOTS_DIR):
+                (self.root / name).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StreamdError(
+                f"storage.dir {self.root}: cannot use it: {exc.strerror or exc}"
+            ) from exc
         path = self.root / DB_NAME
         try:
             self._db = _connect(str(path))

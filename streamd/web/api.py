@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from streamd.domain import Frame
 from streamd.payloads import iso_utc, parse_iso
-from streamd.store.events import EVENT_ID_RE, EventQuery, EventStore, StoredFiles
+from streamd.store.events import EVENT_ID_RE, EventQuery, EventStore, StoredFiles, StoreError
 
 MAX_LIMIT = 500
 DEFAULT_LIMIT = 50
@@ -112,6 +112,8 @@ def create_app(
         405: _not_allowed,
         _NotFound: _as_json_error,
         _BadRequest: _as_json_error,
+        StoreError: _unavailable,
+        TimeoutError: _unavailable,
     }
     app = Starlette(routes=routes, exception_handlers=handlers)
     return app if token is None else BearerAuth(app, token)
@@ -358,6 +360,10 @@ def _int(params: object, key: str, low: int, high: int) -> int | None:
     if not low <= value <= high:
         raise _BadRequest(f"{key}: must be {low}-{high}, not {value}")
     return value
+
+
+async def _unavailable(request: Request, exc: Exception) -> Response:
+    return _error(503, f"events are not available now: {exc or 'the store is busy'}")
 
 
 async def _as_json_error(request: Request, exc: Exception) -> Response:
