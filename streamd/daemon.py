@@ -29,7 +29,8 @@ from streamd.scoring.runner import ModelRunner
 from streamd.sdnotify import SystemdNotifier
 from streamd.sinks import EventSink, LogSink
 from streamd.sinks.stored import SettleHook, StoredSink
-from streamd.store.events import CLIPS_DIR, EventStore
+from streamd.store.events import EventStore
+from streamd.store.schema import CLIPS_DIR
 from streamd.web.api import create_app
 from streamd.web.server import HttpServer
 

@@ -27,7 +27,7 @@ from streamd.ring import FrameRing, Overflow, RingClosed
 from streamd.scoring.prompt import resolve_prompt
 from streamd.scoring.runner import ModelRunner
 from streamd.sinks import EventSink
-from streamd.store.events import CLIPS_DIR
+from streamd.store.schema import CLIPS_DIR
 from streamd.window import Windower
 
 if TYPE_CHECKING:

@@ -20,7 +20,8 @@ from streamd.metrics import Metrics
 from streamd.payloads import encode, event_payload
 from streamd.sinks import LogSink
 from streamd.sinks.stored import StoredSink
-from streamd.store.events import DB_NAME, INTERRUPTED, EventQuery, EventStore
+from streamd.store.events import INTERRUPTED, EventQuery, EventStore
+from streamd.store.schema import DB_NAME
 from tests.frames import window as make_window
 
 DAY_S = 86400.0

@@ -19,10 +19,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import errno
 import json
 import logging
-import re
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -33,48 +31,26 @@ from typing import Any, TypeVar
 from streamd.errors import StreamdError
 from streamd.metrics import Metrics
 from streamd.payloads import parse_iso
+from streamd.store.schema import (
+    CLIPS_DIR,
+    DB_NAME,
+    SNAPSHOTS_DIR,
+    connect,
+    os_reason,
+    sqlite_reason,
+    with_files,
+)
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-DB_NAME = "events.db"
-CLIPS_DIR = "clips"
-SNAPSHOTS_DIR = "snapshots"
-EVENT_ID_RE = re.compile(r"^[0-9]+\.[0-9]+-[a-z0-9_-]+-[0-9]+$")
-"""What an event id looks like (``1764012345.123456-frontdoor-7``): safe as a file name."""
 MEMORY_EVENTS = 10_000
 """Without ``storage.dir`` the in-memory store keeps at most this many events."""
 CALL_TIMEOUT_S = 30.0
 """One store job: a query, a write, a retention pass."""
 INTERRUPTED = "interrupted"
 """``reason`` of the ``end`` message for an event a crash left open."""
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS streams (name TEXT PRIMARY KEY, last_seq INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS events (
-    id TEXT PRIMARY KEY,
-    stream TEXT NOT NULL,
-    start_ts REAL NOT NULL,
-    end_ts REAL NOT NULL,
-    significance INTEGER NOT NULL,
-    peak INTEGER NOT NULL,
-    open INTEGER NOT NULL,
-    payload TEXT NOT NULL,
-    clip TEXT,
-    clip_bytes INTEGER NOT NULL DEFAULT 0,
-    snapshot TEXT,
-    snapshot_bytes INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS events_by_start ON events (start_ts);
-CREATE INDEX IF NOT EXISTS events_by_stream ON events (stream, start_ts);
-CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    stream TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    payload BLOB NOT NULL
-);
-"""
 
 
 class StoreError(Exception):
@@ -180,7 +156,7 @@ class EventStore:
 
     def _open(self) -> None:
         if self.root is None:
-            self._db = _connect(":memory:")
+            self._db = connect(":memory:")
             return
         try:
             for name in (CLIPS_DIR, SNAPSHOTS_DIR):
@@ -191,9 +167,9 @@ class EventStore:
             ) from exc
         path = self.root / DB_NAME
         try:
-            self._db = _connect(str(path))
+            self._db = connect(str(path))
         except sqlite3.Error as exc:
-            self._metrics.storage_errors.labels(reason=_reason(exc)).inc()
+            self._metrics.storage_errors.labels(reason=sqlite_reason(exc)).inc()
             logger.error(
                 "storage: %s is not usable (%s): it is left as it is; this run keeps events"
                 " in memory only (move the file away to start a new one)",
@@ -201,7 +177,7 @@ class EventStore:
                 exc,
             )
             self.durable = False
-            self._db = _connect(":memory:")
+            self._db = connect(":memory:")
 
     # --- writes (owner thread) -----------------------------------------------------------------
 
@@ -309,7 +285,7 @@ class EventStore:
             tmp.write_bytes(jpeg)
             tmp.replace(path)
         except OSError as exc:
-            self._metrics.storage_errors.labels(reason=_os_reason(exc)).inc()
+            self._metrics.storage_errors.labels(reason=os_reason(exc)).inc()
             logger.error("storage: cannot write snapshot %s: %s", path, exc.strerror or exc)
             return
         self._set_file(event_id, "snapshot", name, len(jpeg))
@@ -325,7 +301,7 @@ class EventStore:
             self._write_failed(exc)
 
     def _write_failed(self, exc: sqlite3.Error) -> None:
-        reason = _reason(exc)
+        reason = sqlite_reason(exc)
         self._metrics.storage_errors.labels(reason=reason).inc()
         message = str(exc)
         if message != self._failing:
@@ -363,14 +339,14 @@ class EventStore:
         sql.append("ORDER BY start_ts DESC, id DESC LIMIT ?")
         args.append(query.limit)
         rows = self.db.execute(" ".join(sql), args).fetchall()
-        return [_with_files(*row) for row in rows]
+        return [with_files(*row) for row in rows]
 
     def event(self, event_id: str) -> dict[str, Any] | None:
         """One event's latest state, or None."""
         row = self.db.execute(
             "SELECT payload, clip, snapshot FROM events WHERE id = ?", (event_id,)
         ).fetchone()
-        return None if row is None else _with_files(*row)
+        return None if row is None else with_files(*row)
 
     def files(self, event_id: str) -> StoredFiles | None:
         """The event's files (relative names), or None for an unknown event."""
@@ -389,7 +365,7 @@ class EventStore:
             "SELECT e.payload, e.clip, e.snapshot FROM events e WHERE e.id = (SELECT id FROM"
             " events WHERE stream = e.stream ORDER BY start_ts DESC, id DESC LIMIT 1)"
         ).fetchall()
-        found = [_with_files(*row) for row in rows]
+        found = [with_files(*row) for row in rows]
         return {doc["stream"]: doc for doc in found}
 
     # --- retention (owner thread) --------------------------------------------------------------
@@ -461,38 +437,3 @@ class EventStore:
                 with contextlib.suppress(OSError):
                     database += (self.root / (DB_NAME + suffix)).stat().st_size
         return int(files) + database
-
-
-def _connect(target: str) -> sqlite3.Connection:
-    """Open, switch to WAL, create the schema; raises ``sqlite3.Error`` for a damaged file."""
-    db = sqlite3.connect(target, isolation_level="DEFERRED", check_same_thread=True)
-    try:
-        db.execute("PRAGMA journal_mode = WAL")
-        db.execute("PRAGMA synchronous = NORMAL")  # WAL: a process crash loses no commit
-        db.executescript(SCHEMA)
-        db.execute("SELECT count(*) FROM outbox").fetchone()
-    except sqlite3.Error:
-        db.close()
-        raise
-    return db
-
-
-def _with_files(payload: str, clip: str | None, snapshot: str | None) -> dict[str, Any]:
-    doc: dict[str, Any] = json.loads(payload)
-    event_id = doc["id"]
-    doc["clip"] = f"/api/events/{event_id}/clip.mp4" if clip else None
-    doc["snapshot"] = f"/api/events/{event_id}/snapshot.jpg" if snapshot else None
-    return doc
-
-
-def _reason(exc: sqlite3.Error) -> str:
-    code = getattr(exc, "sqlite_errorname", "")
-    if code in ("SQLITE_FULL",) or "full" in str(exc):
-        return "disk_full"
-    if code in ("SQLITE_NOTADB", "SQLITE_CORRUPT") or "not a database" in str(exc):
-        return "corrupt"
-    return "error"
-
-
-def _os_reason(exc: OSError) -> str:
-    return "disk_full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "error"

@@ -27,7 +27,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from streamd.domain import Frame
 from streamd.payloads import iso_utc, parse_iso
-from streamd.store.events import EVENT_ID_RE, EventQuery, EventStore, StoredFiles, StoreError
+from streamd.store.events import EventQuery, EventStore, StoredFiles, StoreError
+from streamd.store.schema import EVENT_ID_RE
 
 MAX_LIMIT = 500
 DEFAULT_LIMIT = 50
