@@ -179,7 +179,7 @@ def open_page(browser: Browser, served: Served) -> Iterator[OpenPage]:
     """``open_page(size, phone=False)``: a fresh context at the page, its console watched."""
     contexts = []
 
-    def open_(size: tuple[int, int] = DESKTOP, phone: bool = False) -> Watched:
+    def open_(size: tuple[int, int] = DESKTOP, phone: bool = False, path: str = "/") -> Watched:
         context = browser.new_context(
             viewport={"width": size[0], "height": size[1]},
             is_mobile=phone,
@@ -195,7 +195,7 @@ def open_page(browser: Browser, served: Served) -> Iterator[OpenPage]:
 
         watched.page.on("console", on_console)
         watched.page.on("pageerror", lambda exc: watched.errors.append(str(exc)))
-        watched.page.goto(f"{served.base}/")
+        watched.page.goto(f"{served.base}{path}")
         watched.page.wait_for_selector('.tile[data-stream="cam"]')
         return watched
 
@@ -299,6 +299,20 @@ def test_a_click_on_a_card_plays_its_clip(
     page.locator("#p-close").click()
     page.wait_for_selector("dialog#player", state="hidden")
     assert video.evaluate("v => v.getAttribute('src')") is None
+    assert watched.errors == []
+
+
+def test_a_notification_link_opens_the_event_clip(open_page: OpenPage, served: Served) -> None:
+    """``/#event=<id>``, the link README's Home Assistant automation sends, plays that clip."""
+    ended = [e for e in served.events() if e["type"] == "end" and e["clip"]]
+    assert ended, "no ended event with a clip yet"
+    event = ended[-1]
+    watched = open_page(path=f"/#event={event['id']}")
+    page = watched.page
+    page.wait_for_selector("dialog#player[open]")
+    video = page.locator("#video")
+    assert video.evaluate("v => v.getAttribute('src')") == event["clip"]
+    eventually_sync(lambda: video.evaluate("v => v.readyState") >= 2, 10, "the clip plays")
     assert watched.errors == []
 
 
