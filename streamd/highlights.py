@@ -287,8 +287,12 @@ async def analyze(
     backend = create_backend(options.model)
     analysis.model_id = backend.model_id
     # No stall guard: a file is not live, and a slow window (a 2.2B model on a CPU) is still
-    # progress. A model server's requests keep their own timeout (model.timeout_s).
-    async with ModelRunner(backend, metrics, None, one_stream_batches=True) as runner:
+    # progress. A model server's requests keep their own timeout (model.timeout_s). No warm-up:
+    # nobody waits for the first window's latency, and a throwaway window costs seconds of CPU
+    # (bench/offline.py).
+    async with ModelRunner(
+        backend, metrics, None, one_stream_batches=True, warm_up=False
+    ) as runner:
         scheduler = asyncio.create_task(runner.run(), name="streamd.model")
         try:
             await _score_file(options, info, analysis, runner, backend.input_size, metrics, out)

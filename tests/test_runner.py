@@ -351,3 +351,19 @@ async def test_tiny_smolvlm_window_finds_its_frames_encoded(
     assert (score.timings.vision_hits, score.timings.vision_misses) == (4, 0)
     assert score.timings.vision_s == 0.0  # nothing left to encode when the window came
     await runner.close()
+
+
+async def test_warm_up_only_when_asked() -> None:
+    """``analyze`` loads without a throwaway window; the live daemon warms up."""
+
+    class Counting(SlowBackend):
+        warmed = 0
+
+        def warm_up(self) -> None:
+            self.warmed += 1
+
+    for warm, expected in ((False, 0), (True, 1)):
+        backend = Counting()
+        async with ModelRunner(backend, Metrics(CollectorRegistry()), 5, warm_up=warm):
+            pass
+        assert backend.warmed == expected
