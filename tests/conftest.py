@@ -15,6 +15,7 @@ from typing import Protocol
 import pytest
 
 from tests.broker import Mosquitto
+from tests.daemon_proc import DaemonProcess
 from tests.media import ClipSet
 from tests.rtsp import RtspServer, rtsp_unavailable_reason
 from tests.tiny_smolvlm import tiny_model_dir
@@ -108,3 +109,12 @@ def http_server() -> Iterator[Callable[[Path], str]]:
         server.shutdown()
         server.server_close()
         thread.join(HTTP_SHUTDOWN_TIMEOUT_S)
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[DaemonProcess]]:
+    """Daemon processes a test started: each closed (killed if still running) at its end."""
+    started: list[DaemonProcess] = []
+    yield started
+    for daemon in started:
+        daemon.close()

@@ -91,14 +91,6 @@ def blinking_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for daemon in started:
-        daemon.close()
-
-
 async def wait_line(daemon: DaemonProcess, pattern: str, within_s: float = 20) -> str:
     return await asyncio.to_thread(daemon.wait_for_line, pattern, within_s)
 

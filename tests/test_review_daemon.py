@@ -12,7 +12,6 @@ import io
 import json
 import re
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -46,14 +45,6 @@ def busy_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("busy") / "busy.mp4"
     write_clip(path, [Segment(4, "bars")], fps=10, gop=10)
     return path
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for daemon in started:
-        daemon.close()
 
 
 def config(clip: Path, storage: Path, http_port: int, mqtt: dict[str, object]) -> dict[str, object]:
