@@ -31,17 +31,16 @@ import numpy as np
 import numpy.typing as npt
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling benches, as live.py does
 
 
 def seed_run(video: Path, checkpoint: Path, args: argparse.Namespace) -> int:
     """The seed's per-segment method, in this process (``--seed``)."""
     import av  # noqa: PLC0415 - the child process only
     import torch  # noqa: PLC0415
+    from analysis import IMAGE_SIZE, PROMPT  # noqa: PLC0415
     from transformers import AutoImageProcessor, SmolVLMForConditionalGeneration  # noqa: PLC0415
 
-    from bench.analysis import IMAGE_SIZE, PROMPT  # noqa: PLC0415
     from streamd.config import ModelConfig  # noqa: PLC0415
     from streamd.scoring.prompt import ANSWER_PREFIX, render_video_prompt  # noqa: PLC0415
     from streamd.scoring.transformers_impl import TransformersBackend  # noqa: PLC0415
@@ -118,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed is not None:
         return seed_run(args.seed, args.checkpoint, args)
 
-    from bench.analysis import build_checkpoint, write_clip  # noqa: PLC0415
+    from analysis import build_checkpoint, write_clip  # noqa: PLC0415
+
     from streamd.hardware import this_cpu  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory(prefix="streamd-offline-") as tmp:
