@@ -322,20 +322,16 @@ class EventStore:
 
     def events(self, query: EventQuery) -> list[dict[str, Any]]:
         """Events matching ``query``, newest first (by start)."""
+        filters = (
+            ("stream = ?", query.stream),
+            ("end_ts >= ?", query.since_ts),  # overlapping [since, until]
+            ("start_ts <= ?", query.until_ts),
+            ("peak >= ?", query.min_significance),
+        )
+        used = [(clause, value) for clause, value in filters if value is not None]
         sql = ["SELECT payload, clip, snapshot FROM events WHERE 1 = 1"]
-        args: list[object] = []
-        if query.stream is not None:
-            sql.append("AND stream = ?")
-            args.append(query.stream)
-        if query.since_ts is not None:
-            sql.append("AND end_ts >= ?")
-            args.append(query.since_ts)
-        if query.until_ts is not None:
-            sql.append("AND start_ts <= ?")
-            args.append(query.until_ts)
-        if query.min_significance is not None:
-            sql.append("AND peak >= ?")
-            args.append(query.min_significance)
+        sql += [f"AND {clause}" for clause, _ in used]
+        args: list[object] = [value for _, value in used]
         sql.append("ORDER BY start_ts DESC, id DESC LIMIT ?")
         args.append(query.limit)
         rows = self.db.execute(" ".join(sql), args).fetchall()

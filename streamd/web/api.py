@@ -13,7 +13,7 @@ import asyncio
 import hmac
 import json
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Protocol
@@ -337,8 +337,8 @@ def _event_id(request: Request) -> str:
     return event_id
 
 
-def _time(params: object, key: str) -> float | None:
-    text = getattr(params, "get")(key)  # noqa: B009 - QueryParams and dict alike
+def _time(params: Mapping[str, str], key: str) -> float | None:
+    text = params.get(key)
     if not text:
         return None
     try:
@@ -350,8 +350,8 @@ def _time(params: object, key: str) -> float | None:
     return value
 
 
-def _int(params: object, key: str, low: int, high: int) -> int | None:
-    text = getattr(params, "get")(key)  # noqa: B009 - QueryParams and dict alike
+def _int(params: Mapping[str, str], key: str, low: int, high: int) -> int | None:
+    text = params.get(key)
     if not text:
         return None
     try:
