@@ -11,7 +11,12 @@ A stream is held when, after the first window, no window is dropped as busy and 
 under one stride plus one window (the issue's definition). Side by side in one run:
 
 (a) ``motion_gate: 0`` (every window to the model), descriptions ``auto``;
-(b) the surveillance default gate (``auto``), descriptions ``auto``.
+(b) the surveillance default gate (``auto``), descriptions ``auto``: frames near motion are
+    encoded ahead of their windows (``motion.MotionWatch``);
+(c) as (b) with nothing encoded ahead behind the gate, the baseline for (b) (patched here).
+
+"ahead" is the share of the analysed windows' frames whose vision was done before the window
+reached the model (``streamd_vision_cache_hits`` over hits and misses).
 
     python bench/live.py [--model DIR | --backend motion] [--streams 1,2,4] [--seconds 90]
 
@@ -28,6 +33,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,9 +45,13 @@ from motion_gate import Scene, cpu_name, write_clip
 
 from streamd.config import Config
 from streamd.daemon import Daemon
+from streamd.domain import Frame
+from streamd.pipeline import StreamPipeline
 from streamd.sdnotify import SystemdNotifier
 
 DEFAULT_MODEL = Path(tempfile.gettempdir()) / "real256"
+NO_AHEAD = "auto-no-ahead"
+GATES = ("0", "auto", NO_AHEAD)
 CLIP_MINUTES = 6.0
 """Seven events in six minutes: about one a minute, each seen by a few windows."""
 
@@ -56,6 +66,7 @@ class Run:
     busy: float
     max_lag_s: float
     cores_used: float
+    ahead: float
 
     def held(self, window_s: float, stride_s: float) -> bool:
         # One busy drop per stream is allowed while the first windows meet a cold model.
@@ -71,7 +82,11 @@ def config_of(args: argparse.Namespace, clip: Path, streams: int, gate: str) -> 
             "model": model,
             "mqtt": {"enabled": False},
             "metrics": {"listen": ""},
-            "defaults": {"profile": "surveillance", "motion_gate": gate},
+            "defaults": {
+                "profile": "surveillance",
+                "motion_gate": gate.removesuffix("-no-ahead"),
+                "sample_fps": args.sample_fps,
+            },
             "streams": [
                 {"name": f"cam{i}", "url": str(clip), "live": True} for i in range(streams)
             ],
@@ -82,6 +97,13 @@ def config_of(args: argparse.Namespace, clip: Path, streams: int, gate: str) -> 
 async def play(config: Config, seconds: float, label: str) -> Run:
     registry = CollectorRegistry()
     daemon = Daemon(config, registry=registry, notifier=SystemdNotifier({}))
+    ahead_of = StreamPipeline._ahead
+    if label == NO_AHEAD:  # the behaviour before MotionWatch: nothing ahead behind a gate
+
+        def ungated_only(self: StreamPipeline) -> Callable[[Frame], Sequence[Frame]] | None:
+            return None if self.config.motion_gate > 0 else ahead_of(self)
+
+        StreamPipeline._ahead = ungated_only  # type: ignore[method-assign]
     names = [stream.name for stream in config.streams]
 
     def total(metric: str, **labels: str) -> float:
@@ -102,6 +124,8 @@ async def play(config: Config, seconds: float, label: str) -> Run:
             lag = registry.get_sample_value("streamd_window_lag_seconds", {"stream": name})
             max_lag = max(max_lag, lag or 0.0)
     cpu = resource.getrusage(resource.RUSAGE_SELF)
+    hits = registry.get_sample_value("streamd_vision_cache_hits_total") or 0.0
+    misses = registry.get_sample_value("streamd_vision_cache_misses_total") or 0.0
     wall = time.monotonic() - started
     used = (cpu.ru_utime - cpu_started.ru_utime + cpu.ru_stime - cpu_started.ru_stime) / wall
     run = Run(
@@ -113,9 +137,11 @@ async def play(config: Config, seconds: float, label: str) -> Run:
         busy=total("streamd_windows_dropped_total", reason="busy"),
         max_lag_s=max_lag,
         cores_used=used,
+        ahead=hits / max(1.0, hits + misses),
     )
     daemon.handle_exit(signal.SIGTERM, None)
     await serving
+    StreamPipeline._ahead = ahead_of  # type: ignore[method-assign]
     return run
 
 
@@ -125,33 +151,36 @@ def main() -> None:
     parser.add_argument("--backend", default="transformers", choices=("transformers", "motion"))
     parser.add_argument("--streams", default="1,2,4", help="stream counts to try")
     parser.add_argument("--seconds", type=float, default=90.0, help="video played per run")
+    parser.add_argument("--sample-fps", type=float, default=1.0, help="the streams' sample_fps")
+    parser.add_argument("--gates", default=",".join(GATES), help=f"of {', '.join(GATES)}")
     args = parser.parse_args()
     if args.backend == "transformers" and not (args.model / "config.json").exists():
         from analysis import build_checkpoint  # noqa: PLC0415 - bench/analysis.py
 
         build_checkpoint(args.model)
     counts = [int(n) for n in args.streams.split(",")]
+    gates = [gate for gate in args.gates.split(",") if gate in GATES]
     with tempfile.TemporaryDirectory() as tmp:
         clip = Path(tmp) / "camera.mp4"
         write_clip(clip, Scene("quiet", CLIP_MINUTES), 640, 360)
         runs = [
             asyncio.run(play(config_of(args, clip, n, gate), args.seconds, gate))
             for n in counts
-            for gate in ("0", "auto")
+            for gate in gates
         ]
     defaults = config_of(args, Path("x.mp4"), 1, "auto").streams[0]
     window_s, stride_s = defaults.window_s, defaults.stride_s
     print(f"CPU: {cpu_name()}; backend {args.backend}; {args.seconds:g} s of video a run")
     print(f"defaults: {window_s:g} s windows every {stride_s:g} s at {defaults.sample_fps:g} fps")
-    header = "streams gate            cut analysed gated busy max-lag-s cores held"
+    header = "streams gate                      cut analysed gated busy max-lag-s cores ahead held"
     print(header)
     for run in runs:
         print(
-            f"{run.streams:>7} {run.gate:<15} {run.cut:>4.0f} {run.analysed:>8.0f}"
+            f"{run.streams:>7} {run.gate:<25} {run.cut:>4.0f} {run.analysed:>8.0f}"
             f" {run.gated:>5.0f} {run.busy:>4.0f} {run.max_lag_s:>9.1f} {run.cores_used:>5.2f}"
-            f" {'yes' if run.held(window_s, stride_s) else 'no'}"
+            f" {run.ahead:>5.0%} {'yes' if run.held(window_s, stride_s) else 'no'}"
         )
-    for gate in ("0", "auto"):
+    for gate in gates:
         held = [r.streams for r in runs if r.gate.split()[0] == gate and r.held(window_s, stride_s)]
         print(f"most streams held, gate {gate}: {max(held, default=0)} (of {counts})")
 

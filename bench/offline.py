@@ -10,7 +10,9 @@ time is the process's wall time, model load included, as a user would see it.
     (fed the same 512x512 pixels as streamd, so both encode the same patches);
 (b) ``streamd analyze`` as shipped: frames encoded once (the vision cache), the score read
     from the digit logits, only windows at or above ``--min-significance`` described;
-(c) ``streamd analyze --describe-all``: every window described (the worst case for (b)).
+(c) ``streamd analyze --describe-all``: every window described (the worst case for (b));
+(d) ``streamd analyze --vision-quantize int8``: (b) with the opt-in int8 vision encoder (CPU,
+    float32 only; ``--ways abd``).
 
 Rounds run a, b, c in turn, so load on the machine hits each alike. Run it alone.
 
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-fps", type=float, default=1.0)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--checkpoint", type=Path, default=None, help="reuse a built one")
-    parser.add_argument("--ways", default="abc", help="which of a, b, c to run (a is needed)")
+    parser.add_argument("--ways", default="abc", help="which of a-d to run (a always runs)")
     parser.add_argument("--seed", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.seed is not None:
@@ -142,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                   *common],
             "b": [*streamd, "--json", str(Path(tmp) / "b.json")],
             "c": [*streamd, "--describe-all", "--json", str(Path(tmp) / "c.json")],
+            "d": [*streamd, "--vision-quantize", "int8", "--json", str(Path(tmp) / "d.json")],
         }  # fmt: skip
         print(f"cpu: {this_cpu().summary()}")
         print(
@@ -161,11 +164,12 @@ def main(argv: list[str] | None = None) -> int:
             "a": "seed, generate() per segment",
             "b": "streamd analyze",
             "c": "streamd analyze --describe-all",
+            "d": "streamd analyze --vision-quantize int8",
         }
         for name, label in labels.items():
             if name in ways:
                 print(f"({name}) {label}: {min(seconds[name]):.1f} s (best of {args.rounds})")
-        for name in ("b", "c"):
+        for name in ("b", "c", "d"):
             if name not in ways:
                 continue
             summary = json.loads((Path(tmp) / f"{name}.json").read_text())

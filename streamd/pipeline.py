@@ -8,7 +8,7 @@ import io
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -204,15 +204,13 @@ class StreamPipeline:
 
     async def _cut(self, ring: FrameRing[SourceItem]) -> None:
         windower = Windower(self.name, self.config.window_s, self.config.stride_s)
-        # A live stream's frames are encoded as they arrive while the model has nothing else to
-        # do, so a window's vision is mostly done when it is cut. Not behind a motion gate: a
-        # gated window's frames may never be needed.
-        ahead = self._runner.offer_frame if self.live and self.config.motion_gate == 0 else None
+        ahead = self._ahead()
 
         def on_frame(frame: Frame) -> None:
             self.latest_frame = frame
             if ahead is not None:
-                ahead(frame)
+                for offered in ahead(frame):
+                    self._runner.offer_frame(offered)
 
         try:
             async for window in windows_from(ring, windower, on_frame):
@@ -221,6 +219,18 @@ class StreamPipeline:
             pass  # stop() closed it: shutting down
         finally:
             self._mailbox.close()
+
+    def _ahead(self) -> Callable[[Frame], Sequence[Frame]] | None:
+        """Which arriving frames to offer the runner for encoding before their windows.
+
+        Live streams only (a file waits for the model anyway): every frame, so a window's
+        vision is mostly done when it is cut; behind a motion gate only the frames near motion
+        (``motion.MotionWatch``), since a gated window's frames are never needed.
+        """
+        if not self.live or not self._runner.backend.encodes_ahead:
+            return None
+        gate = self.config.motion_gate
+        return motion.MotionWatch(gate, self.config.window_s).push if gate > 0 else _itself
 
     async def _submit(self, window: Window) -> None:
         self._stream_metrics.windows.inc()
@@ -391,6 +401,10 @@ def frame_ring(
     return FrameRing(
         FILE_RING_FRAMES, Overflow.WAIT, loop, is_marker=is_marker, wake_batch=wake_batch
     )
+
+
+def _itself(frame: Frame) -> tuple[Frame]:
+    return (frame,)
 
 
 async def windows_from(

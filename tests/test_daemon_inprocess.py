@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from streamd.config import Config
 from streamd.daemon import Daemon
-from streamd.domain import Score, ScoreRequest
+from streamd.domain import Frame, Score, ScoreRequest
 from streamd.errors import ExitCode, ModelError
 from streamd.sdnotify import SystemdNotifier
 from tests.broker import free_port
@@ -293,6 +293,50 @@ async def test_quiet_live_windows_are_described_when_the_model_has_time(
         assert with_text >= len(quiet) - 1, with_text
     else:
         assert with_text <= 2, with_text  # at most while the streams start up
+
+
+class EncodesAhead(SlowBackend):
+    """Notes the frames the runner hands it to encode ahead of their windows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ahead: list[tuple[str, int]] = []
+
+    @property
+    def encodes_ahead(self) -> bool:
+        return True
+
+    def encode_ahead(self, frames: Sequence[Frame]) -> int:
+        self.ahead.extend((frame.stream, frame.index) for frame in frames)
+        return len(frames)
+
+
+async def test_behind_a_motion_gate_only_frames_near_motion_are_encoded_ahead(
+    clips: ClipSet,
+) -> None:
+    streams = [
+        {"name": "still", "url": str(clips.static.path), "live": True, "motion_gate": 0.01},
+        {"name": "moving", "url": str(clips.motion.path), "live": True, "motion_gate": 0.01},
+        {"name": "ungated", "url": str(clips.static.path), "live": True},  # motion_gate 0
+    ]
+    backend = EncodesAhead()
+    daemon = make_daemon(make_config(streams), backend)
+
+    def offered(stream: str) -> int:
+        return sum(1 for name, _ in backend.ahead if name == stream)
+
+    def gated() -> float:
+        labels = {"stream": "still", "reason": "motion_gate"}
+        return daemon.registry.get_sample_value("streamd_windows_dropped_total", labels) or 0.0
+
+    done = lambda: offered("moving") >= 4 and offered("ungated") >= 4 and gated() >= 3  # noqa: E731
+    stopper = asyncio.create_task(stop_when(daemon, done, 20))
+    async with asyncio.timeout(SERVE_TIMEOUT_S + 10):
+        assert await daemon.serve() == ExitCode.OK
+    await stopper
+    # The idle model had time for all of them: the still stream's frames were never offered.
+    assert offered("still") == 0
+    assert offered("moving") >= 4
 
 
 async def test_an_unusable_storage_dir_is_a_startup_failure(

@@ -14,6 +14,7 @@ from streamd.config import StreamConfig
 from streamd.domain import Score, ScoreRequest, Window
 from streamd.scoring.motion_impl import MotionBackend
 from streamd.scoring.prompt import PROFILES
+from streamd.window import Windower
 from tests.frames import bars, frame, solid
 from tests.pipelines import run_pipeline
 
@@ -181,3 +182,55 @@ async def test_default_surveillance_gate_skips_static_windows_only(
     assert value("streamd_windows_analyzed_total") == len(analysed)
     gated = value("streamd_windows_dropped_total", reason="motion_gate")
     assert gated == 7 - len(analysed)
+
+
+# --- MotionWatch: which frames of a gated live stream are encoded ahead ----------------------
+
+
+def watch_offers(images: list[np.ndarray], gate: float = 0.01, window_s: float = 8.0) -> list[int]:
+    """Indexes offered by a ``MotionWatch`` fed one frame a second, in the order offered."""
+    watch = motion.MotionWatch(gate, window_s)
+    return [f.index for i, img in enumerate(images) for f in watch.push(frame(i, float(i), img))]
+
+
+def test_watch_offers_nothing_on_a_static_scene() -> None:
+    noisy = [solid(100 + (i % 2) * 10) for i in range(40)]  # sensor noise, under the threshold
+    assert watch_offers(noisy) == []
+
+
+def test_watch_offers_the_window_before_and_after_motion() -> None:
+    moved = solid(30)
+    moved[:16, :16] = 220  # something appears at 10 s and stays
+    images = [solid(30)] * 10 + [moved] * 20
+    # The pair (9, 10) moved: the 8 s before it that were held back, then 8 s of new frames.
+    assert watch_offers(images) == list(range(3, 18))
+
+
+def test_watch_restarts_when_time_goes_back() -> None:
+    watch = motion.MotionWatch(0.01, 8.0)
+    for i in range(5):
+        assert watch.push(frame(i, float(i), solid(0))) == []
+    # A looped file: its first frame again, unlike the last one, is no motion.
+    assert watch.push(frame(5, 0.0, solid(255))) == []
+    assert [f.index for f in watch.push(frame(6, 1.0, solid(0)))] == [5, 6]
+
+
+def test_watch_needs_a_gate() -> None:
+    with pytest.raises(ValueError, match="gate"):
+        motion.MotionWatch(0.0, 8.0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_watch_offers_every_frame_a_passing_window_holds(seed: int) -> None:
+    """Against the gate itself: each window that passes had all of its frames offered."""
+    rng = np.random.default_rng(seed)
+    levels = np.cumsum(rng.random(120) < 0.05) * 40 % 256  # a few jumps, static between
+    images = [solid(int(level)) for level in levels]
+    offered = set(watch_offers(images, gate=0.01))
+    windower = Windower("cam", 8.0, 4.0)
+    windows = [w for i, img in enumerate(images) for w in windower.push(frame(i, float(i), img))]
+    passing = [w for w in windows if motion.analyse(w.frames).peak >= 0.01]
+    assert passing, "the sequence should move somewhere"
+    needed = {f.index for w in passing for f in w.frames}
+    assert needed <= offered
+    assert len(offered) < len(images)  # and static stretches stay unencoded
