@@ -19,6 +19,7 @@ under one stride plus one window (the issue's definition). Side by side in one r
 reached the model (``streamd_vision_cache_hits`` over hits and misses).
 
     python bench/live.py [--model DIR | --backend motion] [--streams 1,2,4] [--seconds 90]
+                         [--sample-fps 1] [--gates 0,auto,auto-no-ahead]
 
 The default model is 256M dimensions with random weights (built offline into /tmp/real256 by
 ``bench/analysis.py`` when missing); every number depends on the CPU: run it alone.
@@ -159,7 +160,9 @@ def main() -> None:
 
         build_checkpoint(args.model)
     counts = [int(n) for n in args.streams.split(",")]
-    gates = [gate for gate in args.gates.split(",") if gate in GATES]
+    gates = args.gates.split(",")
+    if unknown := [gate for gate in gates if gate not in GATES]:
+        parser.error(f"--gates: unknown {', '.join(unknown)} (choose from {', '.join(GATES)})")
     with tempfile.TemporaryDirectory() as tmp:
         clip = Path(tmp) / "camera.mp4"
         write_clip(clip, Scene("quiet", CLIP_MINUTES), 640, 360)
