@@ -24,27 +24,20 @@ import numpy.typing as npt
 import pytest
 
 from tests.broker import free_port
+from tests.chromium import ARGS as CHROMIUM_ARGS
+from tests.chromium import CHROMIUM
 from tests.daemon_proc import DaemonProcess, write_config
 from tests.scrape import get
 from tests.waiting import eventually_sync
 
-CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
     pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)", allow_module_level=True)
 pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 
-from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, sync_playwright  # noqa: E402
+from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, sync_playwright
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 WIDTH, HEIGHT, FPS, LOOP_S = 160, 120, 10, 20
 DESKTOP = (1280, 900)
 PHONE = (390, 844)

@@ -22,9 +22,10 @@ from streamd.config import OpenAIModelConfig, StreamConfig
 from streamd.errors import ExitCode
 from streamd.highlights import Analysis, AnalyzeOptions, Highlight, ScoredSpan
 from streamd.report import RunSettings, grab_thumbnails, moment_of, render_report, settings_of
+from tests.chromium import ARGS as CHROMIUM_ARGS
+from tests.chromium import CHROMIUM
 from tests.media import ClipInfo, Segment, write_clip
 
-CHROMIUM = Path("/usr/bin/chromium")
 WIDTH, HEIGHT = 160, 120
 URL_ATTRS = {"src", "href", "xlink:href", "srcset", "poster", "action", "formaction", "data"}
 
@@ -392,12 +393,7 @@ def test_report_renders_in_chromium(run: Run, tmp_path: Path) -> None:
         [
             str(CHROMIUM),
             "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
+            *CHROMIUM_ARGS,
             f"--user-data-dir={tmp_path / 'profile'}",
             f"--screenshot={shot}",
             "--window-size=1000,1400",
